@@ -1,0 +1,293 @@
+"""The SAE base class: everything architectures share (input processing, decoding, hooks, folding, files).
+
+Architectures differ only in `pre_activation` and `activation` (and transcoders in what surrounds them). The
+code here runs inside traced models and may be shipped by value to a remote nnsight server, so it is plain torch:
+no zero-argument `super()`, no behaviour-carrying decorators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from nnsae.config import SAEConfig, dtype_name, parse_dtype
+
+HOOK_NAMES = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error",
+              "hook_sae_output")
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder with SAELens 6 parameter names, shapes and inference math.
+
+    Build one with `SAE.from_config(cfg)`, `SAE.load_from_disk(path)` or `SAE.from_pretrained(release, sae_id)`;
+    the concrete class is chosen by `cfg.architecture`.
+    """
+
+    architecture: ClassVar[str]
+    config_fields: ClassVar[tuple[str, ...]] = ()  # architecture-specific SAEConfig fields written to cfg.json
+    param_shapes: ClassVar[dict[str, str]] = {"W_enc": "in,sae", "W_dec": "sae,in", "b_enc": "sae", "b_dec": "in"}
+    reshapes_input: ClassVar[bool] = True  # whether reshape_activations="hook_z" applies (not to transcoders)
+
+    def __init__(self, cfg: SAEConfig):
+        nn.Module.__init__(self)
+        self.cfg = cfg
+        self._hooks_enabled = True
+        self._norm_state: tuple[torch.Tensor, ...] | None = None
+        self._d_head: int | None = None
+        self.log_feature_sparsity: torch.Tensor | None = None  # written to sparsity.safetensors when known
+        for name in HOOK_NAMES:
+            setattr(self, name, nn.Identity())
+        dims = {"in": cfg.d_in, "sae": cfg.d_sae, "out": cfg.output_dim}
+        for name, spec in self.param_shapes.items():
+            shape = tuple(dims[d] for d in spec.split(","))
+            setattr(self, name, nn.Parameter(torch.zeros(shape, dtype=parse_dtype(cfg.dtype), device=cfg.device)))
+        self.initialize_weights()
+
+    # ---- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Reject configs this architecture cannot run (overridden where fields are required)."""
+
+    @classmethod
+    def from_config(cls, cfg: SAEConfig | dict[str, Any]) -> SAE:
+        """A new SAE of `cfg.architecture` with SAELens' default initialisation."""
+        from nnsae.saes import architecture_class
+
+        if isinstance(cfg, dict):
+            cfg = SAEConfig.from_dict(cfg)
+        return architecture_class(cfg.architecture)(cfg)
+
+    @classmethod
+    def from_dict(cls, cfg: SAEConfig | dict[str, Any], state_dict: dict[str, torch.Tensor],
+                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> SAE:
+        """An SAE from a config and a state dict with SAELens keys, checked strictly (names and shapes)."""
+        from nnsae.saes import architecture_class
+
+        if isinstance(cfg, dict):
+            cfg = SAEConfig.from_dict(cfg)
+        if device is not None:
+            cfg.device = str(device)
+        if dtype is not None:
+            cfg.dtype = dtype_name(dtype)
+        target_device, cfg.device = cfg.device, "meta"
+        sae = architecture_class(cfg.architecture)(cfg)
+        cfg.device = target_device
+        sae._check_state_dict(state_dict)
+        sae.load_state_dict(state_dict, strict=True, assign=True)
+        return sae.to(device=target_device, dtype=parse_dtype(cfg.dtype))
+
+    def _check_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        expected = {name: tuple(p.shape) for name, p in self.named_parameters()}
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"Weights do not match a {self.architecture!r} SAE: missing {missing}, unexpected {unexpected}."
+            )
+        for name, shape in expected.items():
+            if tuple(state_dict[name].shape) != shape:
+                raise ValueError(
+                    f"Weight {name!r} has shape {tuple(state_dict[name].shape)} but the config "
+                    f"(d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}) needs {shape}."
+                )
+
+    def initialize_weights(self) -> None:
+        """SAELens' init: kaiming-uniform decoder, encoder = decoder transpose, zero biases."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.W_dec)
+            self.W_enc.copy_(self.W_dec.T)
+
+    # ---- device, dtype -----------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    def to(self, *args: Any, **kwargs: Any) -> SAE:
+        """Like `nn.Module.to`, keeping `cfg.device` / `cfg.dtype` in step with the weights."""
+        out = nn.Module.to(self, *args, **kwargs)
+        self.cfg.device = str(self.W_dec.device)
+        self.cfg.dtype = dtype_name(self.W_dec.dtype)
+        return out
+
+    # ---- the forward pass ---------------------------------------------------------------------------------------
+
+    def _hook(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, name)(x) if self._hooks_enabled else x
+
+    @contextlib.contextmanager
+    def hooks_disabled(self) -> Iterator[None]:
+        """Run the math without passing through the hook modules (for the clean error-term recompute)."""
+        previous, self._hooks_enabled = self._hooks_enabled, False
+        try:
+            yield
+        finally:
+            self._hooks_enabled = previous
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        hook_z = self.reshapes_input and self.cfg.reshape_activations == "hook_z"
+        width = x.shape[-1] * x.shape[-2] if hook_z and x.dim() >= 2 else x.shape[-1]
+        if width != self.cfg.d_in:
+            hint = " (hook_z input is [..., n_heads, d_head])" if hook_z else ""
+            raise ValueError(
+                f"SAE expects inputs with last dimension d_in={self.cfg.d_in}{hint}, got shape {tuple(x.shape)}."
+            )
+        if x.device != self.W_enc.device:
+            raise ValueError(
+                f"Input is on {x.device} but the SAE is on {self.W_enc.device}: move one of them "
+                f"(e.g. sae.to('{x.device}'))."
+            )
+
+    def _reshape_in(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.reshape_activations != "hook_z":
+            return x
+        self._d_head = x.shape[-1]
+        return x.flatten(-2)  # "... n_heads d_head -> ... (n_heads d_head)", head-major
+
+    def _reshape_out(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.reshape_activations != "hook_z":
+            return x
+        d_head = self._d_head
+        if d_head is None:
+            raise ValueError("decode() of a hook_z SAE needs a preceding encode() to know d_head.")
+        return x.unflatten(-1, (x.shape[-1] // d_head, d_head))
+
+    def _normalize_in(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.cfg.normalize_activations
+        if mode == "constant_norm_rescale":
+            coeff = math.sqrt(self.cfg.d_in) / x.norm(dim=-1, keepdim=True)
+            self._norm_state = (coeff,)
+            return x * coeff
+        if mode == "layer_norm":
+            mu = x.mean(dim=-1, keepdim=True)
+            x = x - mu
+            std = x.std(dim=-1, keepdim=True)
+            self._norm_state = (mu, std)
+            return x / (std + 1e-5)
+        return x  # "expected_average_only_in" is applied outside the SAE (or folded), as in SAELens
+
+    def _normalize_out(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.cfg.normalize_activations
+        if mode not in ("constant_norm_rescale", "layer_norm"):
+            return x
+        if self._norm_state is None:
+            raise ValueError(f"decode() with normalize_activations={mode!r} needs a preceding encode() of the input.")
+        if mode == "constant_norm_rescale":
+            return x / self._norm_state[0]
+        mu, std = self._norm_state
+        return x * std + mu
+
+    def process_sae_in(self, x: torch.Tensor) -> torch.Tensor:
+        """dtype cast, hook_z flatten, `hook_sae_input`, input normalisation, then `- b_dec` if configured."""
+        self._check_input(x)
+        x = self._reshape_in(x.to(self.dtype))
+        x = self._normalize_in(self._hook("hook_sae_input", x))
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """The value seen at `hook_sae_acts_pre`."""
+        return x @ self.W_enc + self.b_enc
+
+    def activation(self, pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations from the (hooked) pre-activation and the processed input."""
+        return torch.relu(pre)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d_in) activations → (..., d_sae) feature activations."""
+        sae_in = self.process_sae_in(x)
+        pre = self._hook("hook_sae_acts_pre", self.pre_activation(sae_in))
+        return self._hook("hook_sae_acts_post", self.activation(pre, sae_in))
+
+    def decoder_matmul(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        return feature_acts @ self.W_dec
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """(..., d_sae) feature activations → reconstruction in the input's space."""
+        recons = self._hook("hook_sae_recons", self.decoder_matmul(feature_acts) + self.b_dec)
+        return self._reshape_out(self._normalize_out(recons))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x)), plus any term an architecture adds outside the dictionary (skip connections)."""
+        return self.decode(self.encode(x))
+
+    def forward(self, x: torch.Tensor, use_error_term: bool = False, target: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """The SAE's reconstruction of `x`, through `hook_sae_output`.
+
+        With `use_error_term`, the clean error `target - reconstruct(x)` (target defaults to `x`), computed without
+        hooks and without gradient, is added through `hook_sae_error`: with no edits at the hooks the output equals
+        the target, and edits to features change only the reconstruction path (SAELens semantics).
+        """
+        out = self.reconstruct(x)
+        if use_error_term:
+            if target is None:
+                if self.cfg.d_out is not None:
+                    raise ValueError("A transcoder's error term needs `target=` (the activation at its output hook).")
+                target = x
+            with torch.no_grad():
+                with self.hooks_disabled():
+                    clean = self.reconstruct(x)
+                error = self._hook("hook_sae_error", target.to(clean.dtype) - clean)
+            out = out + error
+        return self._hook("hook_sae_output", out)
+
+    # ---- folding ------------------------------------------------------------------------------------------------
+
+    def W_dec_norms(self) -> torch.Tensor:
+        return self.W_dec.detach().norm(dim=-1).clamp(min=1e-8)
+
+    def fold_W_dec_norm(self) -> None:
+        """Scale decoder rows to unit norm and the encoder to compensate; outputs are unchanged."""
+        with torch.no_grad():
+            norms = self.W_dec_norms()
+            self.W_dec.div_(norms[:, None])
+            self.W_enc.mul_(norms[None, :])
+            self.fold_encoder_scale(norms)
+
+    def fold_encoder_scale(self, norms: torch.Tensor) -> None:
+        """Rescale per-feature encoder quantities other than W_enc by `norms` (bias, thresholds)."""
+        self.b_enc.mul_(norms)
+
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        """Fold an input scaling `x * s` (expected_average_only_in) into the weights: W_enc·s, W_dec/s, b_dec/s."""
+        with torch.no_grad():
+            self.W_enc.mul_(scaling_factor)
+            self.W_dec.div_(scaling_factor)
+            self.b_dec.div_(scaling_factor)
+        self.cfg.normalize_activations = "none"
+
+    # ---- files --------------------------------------------------------------------------------------------------
+
+    def save_model(self, path: str | Path, log_sparsity: torch.Tensor | None = None) -> tuple[Path, Path]:
+        """Write cfg.json + sae_weights.safetensors (+ sparsity.safetensors) in SAELens 6 layout."""
+        from nnsae.io.formats import saelens
+
+        return saelens.save(self, Path(path), log_sparsity if log_sparsity is not None else self.log_feature_sparsity)
+
+    @classmethod
+    def load_from_disk(cls, path: str | Path, device: str | torch.device = "cpu",
+                       dtype: str | torch.dtype | None = None, format: str | None = None,
+                       fold_W_dec_norm: bool = False) -> SAE:
+        """Load an SAE directory: SAELens layout, or a foreign format (`format=` or auto-detected)."""
+        from nnsae.io.formats import load_directory
+
+        cfg_dict, state_dict, log_sparsity = load_directory(Path(path), format=format)
+        sae = cls.from_dict(cfg_dict, state_dict, device=device, dtype=dtype)
+        sae.log_feature_sparsity = log_sparsity
+        if fold_W_dec_norm:
+            sae.fold_W_dec_norm()
+        return sae
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}, "
+                f"hook={self.cfg.metadata.hook_name or self.cfg.metadata.hf_hook_name!r}, dtype={self.cfg.dtype})")
