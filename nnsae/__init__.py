@@ -2,8 +2,15 @@
 
 from nnsae import models
 from nnsae.config import SAEConfig, SAEMetadata
+from nnsae.data import offline_corpus
+from nnsae.harvest import ActivationStore, Harvester
+from nnsae.hooks import HookPoint, HookSpec, resolve_hook
+from nnsae.io.registry import list_pretrained
+from nnsae.models import load_model, load_smollm2
 from nnsae.saes import ARCHITECTURES, SAE, register_architecture
 
 __version__ = "0.1.0"
 
-__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "SAEMetadata", "models", "register_architecture"]
+__all__ = ["ARCHITECTURES", "ActivationStore", "Harvester", "HookPoint", "HookSpec", "SAE", "SAEConfig",
+           "SAEMetadata", "list_pretrained", "load_model", "load_smollm2", "models", "offline_corpus",
+           "register_architecture", "resolve_hook"]

@@ -51,3 +51,15 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
 def tiny_tokens(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g)
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer whose ids fit the tiny models' vocabulary (BOS=1, EOS=2, PAD=0)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {c: i + 4 for i, c in enumerate(chars[: VOCAB - 4])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>", unk_token="<unk>")

@@ -278,15 +278,45 @@ class SAE(nn.Module):
     def load_from_disk(cls, path: str | Path, device: str | torch.device = "cpu",
                        dtype: str | torch.dtype | None = None, format: str | None = None,
                        fold_W_dec_norm: bool = False) -> SAE:
-        """Load an SAE directory: SAELens layout, or a foreign format (`format=` or auto-detected)."""
-        from nnsae.io.formats import load_directory
+        """Load an SAE directory: SAELens layout, or a foreign format (`format=` or auto-detected).
 
-        cfg_dict, state_dict, log_sparsity = load_directory(Path(path), format=format)
+        A foreign SAE that expects inputs scaled by a norm factor its files record (Llama Scope) has the factor
+        folded in, so it takes raw activations like every other SAE.
+        """
+        from nnsae.io.formats import detect_format, load_directory, norm_scaling_factor
+
+        path = Path(path)
+        format = format or detect_format(path)
+        cfg_dict, state_dict, log_sparsity = load_directory(path, format=format)
         sae = cls.from_dict(cfg_dict, state_dict, device=device, dtype=dtype)
         sae.log_feature_sparsity = log_sparsity
+        if format != "saelens" and sae.cfg.normalize_activations == "expected_average_only_in":
+            factor = norm_scaling_factor(format, path)
+            if factor is not None:
+                sae.fold_activation_norm_scaling_factor(factor)
         if fold_W_dec_norm:
             sae.fold_W_dec_norm()
         return sae
+
+    @classmethod
+    def from_pretrained(cls, release: str, sae_id: str, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype = "float32", force_download: bool = False,
+                        fold_W_dec_norm: bool = False, revision: str | None = None) -> SAE:
+        """An SAE from the pretrained registry (`nnsae.list_pretrained()`) or any Hugging Face repo id, with
+        `sae_id` the SAE's id in the release (or its folder in the repo). Downloads through huggingface_hub."""
+        return cls.from_pretrained_with_cfg_and_sparsity(release, sae_id, device, dtype, force_download,
+                                                         fold_W_dec_norm, revision)[0]
+
+    @classmethod
+    def from_pretrained_with_cfg_and_sparsity(cls, release: str, sae_id: str, device: str | torch.device = "cpu",
+                                              dtype: str | torch.dtype = "float32", force_download: bool = False,
+                                              fold_W_dec_norm: bool = False, revision: str | None = None
+                                              ) -> tuple[SAE, dict[str, Any], torch.Tensor | None]:
+        """`from_pretrained`, also returning the config dict and the log10 feature sparsity (or None)."""
+        from nnsae.io.pretrained import load_pretrained
+
+        return load_pretrained(release, sae_id, device=device, dtype=dtype, force_download=force_download,
+                               revision=revision, fold_W_dec_norm=fold_W_dec_norm)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}, "

@@ -37,5 +37,10 @@ def load_directory(directory: Path, format: str | None = None, *, sae_id: str | 
                    repo_id: str | None = None) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor | None]:
     """(SAELens cfg dict, state dict, log10 sparsity or None) of the SAE stored in `directory`."""
     directory = Path(directory)
-    name = format or detect_format(directory)
-    return get_format(name).load(directory, sae_id=sae_id, repo_id=repo_id)
+    return get_format(format or detect_format(directory)).load(directory, sae_id=sae_id, repo_id=repo_id)
+
+
+def norm_scaling_factor(name: str, directory: Path) -> float | None:
+    """The input scale an `expected_average_only_in` SAE of this format was trained with, when its files say."""
+    reader = getattr(get_format(name), "norm_scaling_factor", None)
+    return reader(Path(directory)) if reader is not None else None

@@ -1,0 +1,201 @@
+"""Text in, fixed-length token chunks out: dataset loading, the offline corpus, tokenization and packing.
+
+Packing follows SAELens: documents are tokenized without BOS and concatenated with a separator token between
+them (BOS by default); the stream is cut into chunks of `context_size` tokens, each starting with BOS when
+`prepend_bos`. Every chunk remembers which document and position each token came from, so extraction can point
+back into the data.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+OFFLINE = "offline"
+TEXT_COLUMNS = ("text", "problem", "content")
+TOKEN_COLUMNS = ("tokens", "input_ids")
+
+
+# ---- documents ----------------------------------------------------------------------------------------------------
+
+
+def _python_source_roots() -> list[Path]:
+    paths = sysconfig.get_paths()
+    roots = [Path(paths["stdlib"])]
+    roots += [Path(p) for p in dict.fromkeys((paths["purelib"], paths["platlib"])) if Path(p).is_dir()]
+    return roots
+
+
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def _source_files(root: Path) -> Iterator[Path]:
+    """.py files below `root` in sorted order, without descending into tests or nested site-packages."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        yield from (Path(folder) / f for f in sorted(files) if f.endswith(".py"))
+
+
+def _docstrings(path: Path, min_chars: int) -> Iterator[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= min_chars:
+                yield doc
+
+
+def offline_corpus(split: str = "train", min_chars: int = 200) -> Iterator[str]:
+    """English prose that needs no network: docstrings of the installed Python modules (the standard library
+    first, then site-packages), read with `ast` so nothing is imported. One document per module/class/function
+    docstring, in a fixed order, produced lazily. Every 20th document (by content hash) forms the "test" split."""
+    if split not in ("train", "test", "validation"):
+        raise ValueError(f"The offline corpus has splits 'train' and 'test', not {split!r}.")
+    want_test = split != "train"
+    for root in _python_source_roots():
+        for path in _source_files(root):
+            for doc in _docstrings(path, min_chars):
+                if (zlib.crc32(doc.encode()) % 20 == 0) == want_test:
+                    yield doc
+
+
+@dataclass(frozen=True)
+class Document:
+    """One row of a dataset: raw text, or already-tokenized ids."""
+
+    text: str | None = None
+    tokens: list[int] | None = None
+
+
+def _rows_to_documents(rows: Iterable[dict[str, Any]], text_column: str | None, source: str) -> Iterator[Document]:
+    column = text_column
+    for row in rows:
+        if column is None:
+            column = next((c for c in TOKEN_COLUMNS + TEXT_COLUMNS if c in row), None)
+            if column is None:
+                raise ValueError(f"Dataset {source} has no text column (looked for {TEXT_COLUMNS + TOKEN_COLUMNS}; "
+                                 f"columns are {sorted(row)}). Pass text_column=...")
+        if column not in row:
+            raise ValueError(f"Dataset {source} has no column {column!r}; columns are {sorted(row)}.")
+        value = row[column]
+        yield Document(tokens=list(value)) if column in TOKEN_COLUMNS else Document(text=value)
+
+
+def _local_rows(path: Path) -> Iterator[dict[str, Any]]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if file.suffix == ".txt":
+            yield {"text": file.read_text(encoding="utf-8")}
+        elif file.suffix in (".jsonl", ".json"):
+            with open(file, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        yield json.loads(line)
+        elif file.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(file).iter_batches():
+                yield from batch.to_pylist()
+
+
+def iter_documents(dataset: str | Iterable[str], split: str = "train", text_column: str | None = None,
+                   streaming: bool = True) -> Iterator[Document]:
+    """Documents of `dataset`: `"offline"`, a local .txt/.jsonl/.parquet file or folder of them (or a
+    `datasets.save_to_disk` folder), an HF hub dataset name (streamed), or an iterable of strings."""
+    if not isinstance(dataset, str):
+        yield from (Document(text=t) for t in dataset)
+        return
+    if dataset == OFFLINE:
+        yield from (Document(text=t) for t in offline_corpus(split))
+        return
+    path = Path(dataset)
+    if path.exists():
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+            import datasets
+
+            yield from _rows_to_documents(datasets.load_from_disk(str(path)), text_column, dataset)
+        else:
+            yield from _rows_to_documents(_local_rows(path), text_column, dataset)
+        return
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(dataset, split=split, streaming=streaming)
+    except Exception as e:  # datasets raises many types for a missing/unreachable dataset
+        raise ValueError(f"Could not open dataset {dataset!r} (split {split!r}): {e}. Use 'offline' for the "
+                         "built-in offline corpus, or a local .txt/.jsonl/.parquet path.") from None
+    yield from _rows_to_documents(rows, text_column, dataset)
+
+
+# ---- packing ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Chunk:
+    """`context_size` tokens, with the document index and in-document position of each (-1 for BOS/separators)."""
+
+    tokens: torch.Tensor
+    doc_ids: torch.Tensor
+    positions: torch.Tensor
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """BOS/EOS/PAD/SEP/CLS ids, which SAELens' `exclude_special_tokens=True` leaves out of training data."""
+    ids = {getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "sep", "cls")}
+    return {i for i in ids if i is not None}
+
+
+def pack(documents: Iterable[Document], tokenizer: Any, context_size: int, prepend_bos: bool = True,
+         separator: str | int | None = "bos", skip_chunks: int = 0, shard: tuple[int, int] = (0, 1)
+         ) -> Iterator[Chunk]:
+    """Tokenize and pack documents into chunks. `skip_chunks` resumes a stream; `shard=(rank, world)` keeps
+    every world-th chunk, for data-parallel runs."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prepend_bos and bos is None:
+        raise ValueError("prepend_bos needs a tokenizer with a BOS (or EOS) token.")
+    sep = {"bos": bos, "eos": tokenizer.eos_token_id, None: None}.get(separator, separator)
+    body = context_size - 1 if prepend_bos else context_size
+    if body < 1:
+        raise ValueError(f"context_size={context_size} is too small.")
+    rank, world = shard
+    buf_tokens: list[int] = []
+    buf_docs: list[int] = []
+    buf_pos: list[int] = []
+    index = 0
+    for doc_id, doc in enumerate(documents):
+        ids = doc.tokens if doc.tokens is not None else tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        if sep is not None and doc_id > 0:
+            buf_tokens.append(sep), buf_docs.append(-1), buf_pos.append(-1)
+        buf_tokens += ids
+        buf_docs += [doc_id] * len(ids)
+        buf_pos += range(len(ids))
+        while len(buf_tokens) >= body:
+            if index >= skip_chunks and index % world == rank:
+                head = [bos] if prepend_bos else []
+                pad = [-1] if prepend_bos else []
+                yield Chunk(torch.tensor(head + buf_tokens[:body]), torch.tensor(pad + buf_docs[:body]),
+                            torch.tensor(pad + buf_pos[:body]))
+            index += 1
+            del buf_tokens[:body], buf_docs[:body], buf_pos[:body]
+
+
+def batched(chunks: Iterable[Chunk], batch_size: int) -> Iterator[list[Chunk]]:
+    batch: list[Chunk] = []
+    for chunk in chunks:
+        batch.append(chunk)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,257 @@
+"""The one way activations come out of a model: one nnsight trace per batch, every hook point saved, the forward
+stopped right after the deepest one; and the shuffling store that training reads from.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import nnsight
+import torch
+from nnsight.intervention.envoy import Envoy
+
+from nnsae.config import parse_dtype
+from nnsae.data import OFFLINE, Chunk, batched, iter_documents, pack, special_token_ids
+from nnsae.hooks import HookPoint, get_module, resolve_hook
+
+
+def is_tl_hook_name(name: str) -> bool:
+    return name.startswith("blocks.") or name.startswith("hook_")
+
+
+def resolve_point(model: Any, hook: str | HookPoint) -> HookPoint:
+    """A user's hook string (TransformerLens name, or HF module path with optional `.input`/`.output`)."""
+    if isinstance(hook, HookPoint):
+        return hook
+    spec = resolve_hook(model, hook_name=hook) if is_tl_hook_name(hook) else resolve_hook(model, hook=hook)
+    return spec.read
+
+
+def as_nnsight(model: Any) -> Envoy:
+    """An nnsight wrapper of `model` (returned unchanged when it already is one)."""
+    return model if isinstance(model, Envoy) else nnsight.NNsight(model)
+
+
+def hf_module(model: Any) -> torch.nn.Module:
+    return model._module if isinstance(model, Envoy) else model
+
+
+def execution_order(model: Any, points: Sequence[HookPoint]) -> tuple[list[int], list[int]]:
+    """(indices of `points` in the order the forward reaches them, activation width of each point), found with
+    one single-token forward and plain torch hooks."""
+    hf = hf_module(model)
+    events: list[tuple[str, str]] = []
+    widths: dict[tuple[str, str], int] = {}
+    handles = []
+
+    def record(key: tuple[str, str], value: Any) -> None:
+        value = value[0] if isinstance(value, tuple) else value
+        events.append(key)
+        widths.setdefault(key, value.shape[-1])
+
+    for point in sorted({(p.module, p.io) for p in points}):
+        module = get_module(hf, point[0])
+        if point[1] == "input":
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, kwargs, key=point: record(key, args[0] if args else next(iter(kwargs.values()))),
+                with_kwargs=True))
+        else:
+            handles.append(module.register_forward_hook(lambda m, i, o, key=point: record(key, o)))
+    device = next(hf.parameters()).device
+    try:
+        with torch.no_grad():
+            hf(torch.zeros(1, 1, dtype=torch.long, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    first_seen = {key: i for i, key in reversed(list(enumerate(events)))}
+    missing = [p.module for p in points if (p.module, p.io) not in first_seen]
+    if missing:
+        raise ValueError(f"The forward pass never reached module(s) {missing}; they cannot be hook points.")
+    order = sorted(range(len(points)), key=lambda i: first_seen[(points[i].module, points[i].io)])
+    return order, [widths[(p.module, p.io)] for p in points]
+
+
+class Harvester:
+    """Activations at several hook points from ONE forward per batch, stopped after the deepest point."""
+
+    def __init__(self, model: Any, hooks: Sequence[str | HookPoint]):
+        self.model = as_nnsight(model)
+        self.points = [resolve_point(self.model, h) for h in hooks]
+        self.order, self.widths = execution_order(self.model, self.points)
+
+    @property
+    def device(self) -> torch.device:
+        return next(hf_module(self.model).parameters()).device
+
+    def __call__(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """[batch, pos] token ids → one [batch, pos, width] activation per hook point (in the SAE's space)."""
+        tokens = tokens.to(self.device)
+        with torch.no_grad():
+            acts = self._trace(tokens)
+        return [self.points[i].to_sae(acts[j]) for j, i in sorted(enumerate(self.order), key=lambda t: t[1])]
+
+    def _trace(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        model, points, order = self.model, self.points, self.order
+        with model.trace(tokens) as tracer:
+            acts = []
+            for i in order:
+                envoy = model.get(points[i].module)
+                value = envoy.input if points[i].io == "input" else envoy.output
+                acts.append(value[0] if isinstance(value, tuple) else value)
+            acts = nnsight.save(acts)
+            tracer.stop()
+        return acts
+
+
+@dataclass
+class StoreState:
+    chunks_consumed: int = 0
+    next_batch: int = 0
+    batches_in_round: int = 0
+    exhausted: bool = False
+
+
+class ActivationStore:
+    """Shuffled batches of activations for training: `{hook: (batch_size_tokens, d_in)}` per step.
+
+    Tokens come from `dataset` (see `nnsae.data.iter_documents`), packed into `context_size` chunks; each
+    harvest runs `store_batch_size_prompts` chunks through the model once for all hooks. A mixing buffer of
+    `n_batches_in_buffer` training batches is shuffled, half of it served and half kept to mix with the next
+    harvest (SAELens' scheme, in bounded memory). Special tokens (BOS/EOS/PAD) are left out when
+    `exclude_special_tokens`. The position in the data, the buffer and the RNG form `state_dict()`, so a resumed
+    run sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, model: Any, hooks: Sequence[str], dataset: str | Sequence[str] = OFFLINE, *,
+                 tokenizer: Any = None, context_size: int = 128, batch_size_tokens: int = 4096,
+                 store_batch_size_prompts: int = 8, n_batches_in_buffer: int = 16, prepend_bos: bool = True,
+                 exclude_special_tokens: bool = True, dtype: str | torch.dtype = "float32",
+                 device: str | torch.device | None = None, seed: int = 42, text_column: str | None = None,
+                 split: str = "train", model_name: str | None = None):
+        if not hooks:
+            raise ValueError("ActivationStore needs at least one hook.")
+        self.hooks = list(hooks)
+        self.harvester = Harvester(model, self.hooks)
+        hf = hf_module(self.harvester.model)
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if self.tokenizer is None:
+            raise ValueError("ActivationStore needs the model's tokenizer: pass tokenizer=...")
+        max_positions = getattr(hf.config, "max_position_embeddings", None) or getattr(hf.config, "n_positions", None)
+        if max_positions is not None and context_size > max_positions:
+            raise ValueError(f"context_size={context_size} is larger than the model's {max_positions} positions.")
+        if batch_size_tokens < 1 or n_batches_in_buffer < 2:
+            raise ValueError("batch_size_tokens must be ≥ 1 and n_batches_in_buffer ≥ 2.")
+        self.dataset, self.text_column, self.split = dataset, text_column, split
+        self.context_size, self.prepend_bos = context_size, prepend_bos
+        self.batch_size_tokens, self.store_batch_size_prompts = batch_size_tokens, store_batch_size_prompts
+        self.buffer_tokens = n_batches_in_buffer * batch_size_tokens
+        self.exclude_special_tokens = exclude_special_tokens
+        self.excluded_ids = torch.tensor(sorted(special_token_ids(self.tokenizer)) if exclude_special_tokens else [])
+        self.dtype = parse_dtype(dtype)
+        self.device = torch.device(device) if device is not None else self.harvester.device
+        self.model_name = model_name or getattr(hf.config, "_name_or_path", None) or type(hf).__name__
+        self.seed = seed
+        self.rank, self.world_size = 0, 1
+        self.state = StoreState()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.buffer: list[torch.Tensor] | None = None
+        self._chunks: Iterator[Chunk] | None = None
+
+    # ---- what training needs to know --------------------------------------------------------------------------
+
+    def d_in(self, hook: str) -> int:
+        return self.harvester.widths[self.hooks.index(hook)]
+
+    def metadata(self, hook: str) -> dict[str, Any]:
+        point = self.harvester.points[self.hooks.index(hook)]
+        return {
+            "model_name": self.model_name,
+            "hook_name": hook if is_tl_hook_name(hook) else point.module,
+            "hf_hook_name": f"{point.module}.{point.io}",
+            "context_size": self.context_size,
+            "prepend_bos": self.prepend_bos,
+            "dataset_path": self.dataset if isinstance(self.dataset, str) else None,
+            "exclude_special_tokens": self.exclude_special_tokens,
+        }
+
+    def shard(self, rank: int, world_size: int) -> ActivationStore:
+        """Make this store read only every `world_size`-th chunk, starting at `rank` (data-parallel runs)."""
+        if self._chunks is not None:
+            raise RuntimeError("shard() must be called before iterating the store.")
+        self.rank, self.world_size = rank, world_size
+        self.generator.manual_seed(self.seed + rank)
+        return self
+
+    # ---- token chunks → activations ----------------------------------------------------------------------------
+
+    def chunks(self) -> Iterator[Chunk]:
+        docs = iter_documents(self.dataset, split=self.split, text_column=self.text_column)
+        return pack(docs, self.tokenizer, self.context_size, self.prepend_bos, skip_chunks=0,
+                    shard=(self.rank, self.world_size))
+
+    def _next_chunks(self) -> list[Chunk]:
+        if self._chunks is None:
+            self._chunks = itertools.islice(self.chunks(), self.state.chunks_consumed, None)
+        batch = list(itertools.islice(self._chunks, self.store_batch_size_prompts))
+        self.state.chunks_consumed += len(batch)
+        return batch
+
+    def harvest(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        """Flattened activations of the kept tokens of `chunks`, one [n_tokens, d_in] tensor per hook."""
+        tokens = torch.stack([c.tokens for c in chunks])
+        keep = ~torch.isin(tokens, self.excluded_ids).flatten()
+        return [a.flatten(0, 1)[keep.to(a.device)].to(self.device, self.dtype) for a in self.harvester(tokens)]
+
+    def _refill(self) -> None:
+        served = self.state.batches_in_round * self.batch_size_tokens
+        parts = [[b[served:]] for b in self.buffer] if self.buffer is not None else [[] for _ in self.hooks]
+        n = parts[0][0].shape[0] if parts[0] else 0
+        while n < self.buffer_tokens:
+            chunks = self._next_chunks()
+            if not chunks:
+                self.state.exhausted = True
+                break
+            for part, acts in zip(parts, self.harvest(chunks)):
+                part.append(acts)
+            n += parts[0][-1].shape[0]
+        perm = torch.randperm(n, generator=self.generator).to(self.device)
+        self.buffer = [torch.cat(p)[perm] if p else torch.empty(0) for p in parts]
+        # Serve half and keep half for mixing; once the data has run out, serve everything left.
+        servable = n if self.state.exhausted else n // 2
+        self.state.batches_in_round = servable // self.batch_size_tokens
+        self.state.next_batch = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            if self.buffer is None or self.state.next_batch >= self.state.batches_in_round:
+                if self.state.exhausted:
+                    return
+                self._refill()
+                if self.state.batches_in_round == 0:
+                    return
+            i, b = self.state.next_batch, self.batch_size_tokens
+            self.state.next_batch += 1
+            yield {hook: buf[i * b:(i + 1) * b] for hook, buf in zip(self.hooks, self.buffer)}
+
+    # ---- resume ------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly here: data position, buffer, RNG (tensors and plain values)."""
+        state: dict[str, Any] = dict(vars(self.state), rng=self.generator.get_state(), rank=self.rank,
+                                     world_size=self.world_size)
+        if self.buffer is not None:
+            state["buffer"] = {hook: buf for hook, buf in zip(self.hooks, self.buffer)}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+            raise ValueError(f"Store state is for rank {state['rank']}/{state['world_size']}, this store is "
+                             f"{self.rank}/{self.world_size}.")
+        self.state = StoreState(**{k: state[k] for k in vars(StoreState())})
+        self.generator.set_state(state["rng"])
+        buffer = state.get("buffer")
+        self.buffer = [buffer[h].to(self.device, self.dtype) for h in self.hooks] if buffer is not None else None
+        self._chunks = None  # re-opened lazily at state.chunks_consumed

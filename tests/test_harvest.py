@@ -1,0 +1,157 @@
+"""Data packing and activation harvesting against plain HF forwards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nnsae.data import Document, iter_documents, offline_corpus, pack
+from nnsae.harvest import ActivationStore, Harvester
+from tests.tiny_models import tiny_model, tiny_tokenizer
+
+_PANGRAMS = ["The quick brown fox jumps over the lazy dog. " * 3, "Pack my box with five dozen liquor jugs.",
+             "How vexingly quick daft zebras jump! " * 4, "Sphinx of black quartz, judge my vow."]
+TEXTS = [f"Doc {i}: {_PANGRAMS[i % 4]}" for i in range(24)]  # distinct, so every activation row is unique
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def test_pack_follows_saelens_layout(tok):
+    chunks = list(pack([Document(text=t) for t in TEXTS[:3]], tok, context_size=16))
+    stream = []
+    for i, t in enumerate(TEXTS[:3]):
+        if i:
+            stream.append(tok.bos_token_id)  # the separator between documents is BOS
+        stream += tok(t, add_special_tokens=False).input_ids
+    assert all(c.tokens[0] == tok.bos_token_id and len(c.tokens) == 16 for c in chunks)
+    assert torch.cat([c.tokens[1:] for c in chunks]).tolist() == stream[: 15 * len(chunks)]
+    assert len(chunks) == len(stream) // 15
+    first = chunks[0]
+    assert first.doc_ids[0] == -1 and first.doc_ids[1:].eq(0).all() and first.positions[1:].tolist() == list(range(15))
+    no_bos = list(pack([Document(text=t) for t in TEXTS[:3]], tok, context_size=16, prepend_bos=False, separator=None))
+    assert torch.cat([c.tokens for c in no_bos]).tolist() == [x for x in stream if x != tok.bos_token_id][: 16 * len(no_bos)]
+
+
+def test_pack_skip_and_shard(tok):
+    docs = [Document(text=t) for t in TEXTS]
+    full = list(pack(docs, tok, 16))
+    assert [c.tokens.tolist() for c in pack(docs, tok, 16, skip_chunks=3)] == [c.tokens.tolist() for c in full[3:]]
+    shards = [list(pack(docs, tok, 16, shard=(r, 2))) for r in range(2)]
+    assert [c.tokens.tolist() for c in shards[1]] == [c.tokens.tolist() for c in full[1::2]]
+
+
+def test_local_dataset_formats(tmp_path, tok):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(TEXTS[:2])))
+    assert [d.text for d in iter_documents(str(tmp_path / "a.jsonl"))] == TEXTS[:2]
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "x.txt").write_text(TEXTS[0])
+    assert [d.text for d in iter_documents(str(tmp_path / "txt"))] == [TEXTS[0]]
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7], [8, 9]]})
+    ds.to_parquet(str(tmp_path / "p.parquet"))
+    assert [d.tokens for d in iter_documents(str(tmp_path / "p.parquet"))] == [[5, 6, 7], [8, 9]]
+    ds.save_to_disk(str(tmp_path / "saved"))
+    assert [d.tokens for d in iter_documents(str(tmp_path / "saved"))] == [[5, 6, 7], [8, 9]]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}))
+    with pytest.raises(ValueError, match="no text column.*body"):
+        list(iter_documents(str(tmp_path / "bad.jsonl")))
+
+
+def test_offline_corpus_is_real_prose_with_a_held_out_split():
+    import itertools
+
+    train = list(itertools.islice(offline_corpus("train"), 50))
+    test = list(itertools.islice(offline_corpus("test"), 5))
+    assert all(len(d) >= 200 for d in train) and not set(train) & set(test)
+    assert sum(d.count(" the ") for d in train) > 100
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
+def test_one_pass_for_many_hooks_equals_hidden_states_and_separate_passes(family):
+    model = tiny_model(family)
+    layers = "transformer.h" if family == "gpt2" else "model.layers"
+    hooks = ["blocks.2.hook_resid_pre", f"{layers}.0", "blocks.1.hook_resid_post", f"{layers}.1.input"]
+    tokens = torch.randint(3, 128, (2, 9))
+    acts = Harvester(model, hooks)(tokens)
+    with torch.no_grad():
+        hidden = model(tokens, output_hidden_states=True).hidden_states
+    for act, layer in zip(acts, [2, 1, 2, 1]):  # hidden_states[L] is the input of layer L
+        torch.testing.assert_close(act, hidden[layer], atol=1e-6, rtol=0)
+    for hook, act in zip(hooks, acts):
+        assert torch.equal(Harvester(model, [hook])(tokens)[0], act)
+
+
+def test_forward_stops_after_the_deepest_hook():
+    model = tiny_model("llama")
+    harvester = Harvester(model, ["model.layers.1"])
+    calls = []
+    handle = model.model.layers[2].register_forward_hook(lambda *a: calls.append(1))
+    harvester(torch.randint(3, 128, (1, 5)))
+    assert calls == []
+    model(torch.randint(3, 128, (1, 5)))
+    assert calls == [1]
+    handle.remove()
+
+
+def make_store(tok, model=None, **kw):
+    model = model if model is not None else tiny_model("gpt2")
+    args = dict(tokenizer=tok, context_size=16, batch_size_tokens=32, n_batches_in_buffer=4,
+                store_batch_size_prompts=3, seed=1)
+    return ActivationStore(model, ["blocks.1.hook_resid_post", "transformer.h.0"], TEXTS, **(args | kw))
+
+
+def test_store_serves_every_kept_token_once_per_pass(tok):
+    model = tiny_model("gpt2")
+    store = make_store(tok, model)
+    batches = list(store)
+    served = torch.cat([b["transformer.h.0"] for b in batches])
+    assert all(b["transformer.h.0"].shape == (32, 64) for b in batches)
+    chunks = list(store.chunks())
+    tokens = torch.stack([c.tokens for c in chunks])
+    with torch.no_grad():
+        hidden = model(tokens, output_hidden_states=True).hidden_states
+    keep = tokens != tok.bos_token_id  # special tokens are excluded by default
+    expected = hidden[1][keep]
+    assert served.shape[0] == (expected.shape[0] // 32) * 32
+    # Shuffled but complete up to the last partial batch: the served rows are a sub-multiset of the expected
+    # rows (repeated text gives identical rows, so compare multiplicities of canonical row ids).
+    dist = lambda a, b: torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")  # noqa: E731
+    canonical = (dist(expected, expected) < 1e-5).float().argmax(dim=1)
+    nearest = dist(served, expected).min(dim=1)
+    assert nearest.values.max() < 1e-5
+    have = torch.bincount(canonical[nearest.indices], minlength=len(expected))
+    assert (have <= torch.bincount(canonical, minlength=len(expected))).all()
+    assert not torch.equal(served, expected[: served.shape[0]])  # it really is shuffled
+
+
+def test_store_resume_gives_the_same_batches(tok):
+    model = tiny_model("gpt2")
+    reference = [b["blocks.1.hook_resid_post"] for b in make_store(tok, model)]
+    store = make_store(tok, model)
+    it = iter(store)
+    first = [next(it)["blocks.1.hook_resid_post"] for _ in range(5)]
+    state = store.state_dict()
+    resumed = make_store(tok, model)
+    resumed.load_state_dict(state)
+    rest = [b["blocks.1.hook_resid_post"] for b in resumed]
+    assert len(first) + len(rest) == len(reference)
+    for a, b in zip(first + rest, reference):
+        assert torch.equal(a, b)
+
+
+def test_store_metadata_and_errors(tok):
+    store = make_store(tok)
+    meta = store.metadata("blocks.1.hook_resid_post")
+    assert meta["hook_name"] == "blocks.1.hook_resid_post" and meta["hf_hook_name"] == "transformer.h.1.output"
+    assert meta["context_size"] == 16 and meta["exclude_special_tokens"] is True
+    assert store.d_in("transformer.h.0") == 64
+    with pytest.raises(ValueError, match="No module"):
+        ActivationStore(tiny_model("gpt2"), ["transformer.h.9"], TEXTS, tokenizer=tok)
+    with pytest.raises(ValueError, match="context_size=4096"):
+        make_store(tok, context_size=4096)
