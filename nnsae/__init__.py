@@ -1,8 +1,11 @@
 """nnsae: sparse autoencoders on any Hugging Face model, built on nnsight, compatible with SAELens."""
 
 from nnsae import models
+from nnsae.attach import (SAEHandle, SAEOrderError, attach, attached, detach, feature_attribution,
+                          run_with_cache_with_saes, run_with_saes, saes, splice, steer)
 from nnsae.config import SAEConfig, SAEMetadata
 from nnsae.data import offline_corpus
+from nnsae.evals import evaluate
 from nnsae.harvest import ActivationStore, Harvester
 from nnsae.hooks import HookPoint, HookSpec, resolve_hook
 from nnsae.io.registry import list_pretrained
@@ -11,6 +14,8 @@ from nnsae.saes import ARCHITECTURES, SAE, register_architecture
 
 __version__ = "0.1.0"
 
-__all__ = ["ARCHITECTURES", "ActivationStore", "Harvester", "HookPoint", "HookSpec", "SAE", "SAEConfig",
-           "SAEMetadata", "list_pretrained", "load_model", "load_smollm2", "models", "offline_corpus",
-           "register_architecture", "resolve_hook"]
+__all__ = ["ARCHITECTURES", "ActivationStore", "Harvester", "HookPoint", "HookSpec", "SAE", "SAEConfig", "SAEHandle",
+           "SAEMetadata", "SAEOrderError", "attach", "attached", "detach", "evaluate",
+           "feature_attribution", "list_pretrained", "load_model", "load_smollm2", "models", "offline_corpus",
+           "register_architecture", "resolve_hook", "run_with_cache_with_saes", "run_with_saes", "saes", "splice",
+           "steer"]

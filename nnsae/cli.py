@@ -38,6 +38,41 @@ def cmd_list(args: argparse.Namespace) -> None:
         print(f"{r.release:<{width}}  {r.format:<19} {r.n_saes:>6}  {r.model}  ({r.repo_id})")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from nnsae.evals import evaluate
+    from nnsae.models import load_model
+
+    model, tokenizer = load_model(args.model, device=args.device)
+    saes = [load_sae_arg(spec, device=args.device) for spec in args.sae]
+    records = evaluate(model, saes, args.dataset, tokenizer=tokenizer, n_tokens=int(args.tokens),
+                       n_ce_tokens=int(args.ce_tokens) if args.ce_tokens else None, context_size=args.context_size,
+                       batch_size_prompts=args.batch_size_prompts, split=args.split, out=args.out, plots=args.plots)
+    for spec, record in zip(args.sae, records):
+        m = record["metrics"]
+        line = f"{spec}: L0 {m['sparsity']['l0']:.2f}, explained variance " \
+               f"{m['reconstruction_quality']['explained_variance']:.4f}"
+        if "model_performance_preservation" in m:
+            line += f", CE loss score {m['model_performance_preservation']['ce_loss_score']:.4f}, " \
+                    f"KL score {m['model_behavior_preservation']['kl_div_score']:.4f}"
+        print(line)
+    print(f"Wrote {args.out}")
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded, offline), an HF model id or a local path")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dataset", default="offline", help="'offline', a local .txt/.jsonl/.parquet path, or an HF "
+                                                        "dataset name")
+    p.add_argument("--split", default=None)
+    p.add_argument("--context-size", type=int, default=None)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnsae", description="Sparse autoencoders on Hugging Face models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("filter", nargs="?", default=None, help="substring or glob of release / repo / model")
     p.add_argument("--release", default=None, help="print the SAE ids of this release")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("eval", help="SAELens metrics (L0, explained variance, CE/KL scores, ...) of SAEs")
+    _model_arguments(p)
+    p.add_argument("--sae", action="append", required=True, help="SAE directory or RELEASE:SAE_ID (repeatable; "
+                                                                  "SAEs share one harvest pass)")
+    p.add_argument("--tokens", type=float, default=100_000, help="tokens for the activation metrics")
+    p.add_argument("--ce-tokens", type=float, default=20_000, help="tokens for CE/KL (0 skips them)")
+    p.add_argument("--batch-size-prompts", type=int, default=8)
+    p.add_argument("--out", default="eval.json", help="a .json file, or a folder for one JSON per SAE")
+    p.add_argument("--plots", action="store_true", help="also write L0 and feature-density histograms (PNG)")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

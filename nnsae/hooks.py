@@ -391,9 +391,12 @@ def _unwrap(model: Any) -> torch.nn.Module:
 
 def _locate(root: torch.nn.Module, path: str) -> str:
     """``path`` as it exists in ``root``; on a bare base model, the ``*ForCausalLM`` prefix is dropped."""
-    names = {name for name, _ in root.named_modules()}
-    if path in names:
+    try:
+        root.get_submodule(path)
         return path
+    except AttributeError:
+        pass
+    names = {name for name, _ in root.named_modules()}
     prefix = f"{getattr(root, 'base_model_prefix', '')}."
     if getattr(root, "base_model", None) is root and path.startswith(prefix) and path[len(prefix):] in names:
         return path[len(prefix):]

@@ -7,10 +7,9 @@ no zero-argument `super()`, no behaviour-carrying decorators.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -125,14 +124,16 @@ class SAE(nn.Module):
     def _hook(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return getattr(self, name)(x) if self._hooks_enabled else x
 
-    @contextlib.contextmanager
-    def hooks_disabled(self) -> Iterator[None]:
-        """Run the math without passing through the hook modules (for the clean error-term recompute)."""
-        previous, self._hooks_enabled = self._hooks_enabled, False
-        try:
-            yield
-        finally:
-            self._hooks_enabled = previous
+    def clean_reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """reconstruct(x) without passing through the hook modules and without gradient: the reference the error
+        term is measured against. (A plain flag, not a context manager, so a by-value copy of this class shipped
+        to a remote nnsight server behaves the same.)"""
+        with torch.no_grad():
+            previous, self._hooks_enabled = self._hooks_enabled, False
+            try:
+                return self.reconstruct(x)
+            finally:
+                self._hooks_enabled = previous
 
     def _check_input(self, x: torch.Tensor) -> None:
         hook_z = self.reshapes_input and self.cfg.reshape_activations == "hook_z"
@@ -216,9 +217,14 @@ class SAE(nn.Module):
         recons = self._hook("hook_sae_recons", self.decoder_matmul(feature_acts) + self.b_dec)
         return self._reshape_out(self._normalize_out(recons))
 
+    def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, full reconstruction): decode(encode(x)) plus any term an architecture adds outside the
+        dictionary (skip connections)."""
+        feature_acts = self.encode(x)
+        return feature_acts, self.decode(feature_acts)
+
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """decode(encode(x)), plus any term an architecture adds outside the dictionary (skip connections)."""
-        return self.decode(self.encode(x))
+        return self.encode_decode(x)[1]
 
     def forward(self, x: torch.Tensor, use_error_term: bool = False, target: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -234,9 +240,8 @@ class SAE(nn.Module):
                 if self.cfg.d_out is not None:
                     raise ValueError("A transcoder's error term needs `target=` (the activation at its output hook).")
                 target = x
+            clean = self.clean_reconstruct(x)
             with torch.no_grad():
-                with self.hooks_disabled():
-                    clean = self.reconstruct(x)
                 error = self._hook("hook_sae_error", target.to(clean.dtype) - clean)
             out = out + error
         return self._hook("hook_sae_output", out)

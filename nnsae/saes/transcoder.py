@@ -47,8 +47,9 @@ class SkipTranscoder(Transcoder):
     def initialize_weights(self) -> None:
         Transcoder.initialize_weights(self)  # W_skip stays zero, as in SAELens
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x)) + x.to(self.dtype) @ self.W_skip.T
+    def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feature_acts = self.encode(x)
+        return feature_acts, self.decode(feature_acts) + x.to(self.dtype) @ self.W_skip.T
 
 
 class JumpReLUTranscoder(Transcoder):
@@ -62,4 +63,4 @@ class JumpReLUTranscoder(Transcoder):
 class JumpReLUSkipTranscoder(JumpReLUTranscoder):
     architecture = "jumprelu_skip_transcoder"
     param_shapes = {**JumpReLUTranscoder.param_shapes, "W_skip": "out,in"}
-    reconstruct = SkipTranscoder.reconstruct
+    encode_decode = SkipTranscoder.encode_decode
