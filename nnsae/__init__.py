@@ -1,21 +1,25 @@
 """nnsae: sparse autoencoders on any Hugging Face model, built on nnsight, compatible with SAELens."""
 
-from nnsae import models
+from nnsae import dashboard, models, neuronpedia
 from nnsae.attach import (SAEHandle, SAEOrderError, attach, attached, detach, feature_attribution,
                           run_with_cache_with_saes, run_with_saes, saes, splice, steer)
 from nnsae.config import SAEConfig, SAEMetadata
 from nnsae.data import offline_corpus
 from nnsae.evals import evaluate
+from nnsae.extract import extract, load_feature_stats, load_features
 from nnsae.harvest import ActivationStore, Harvester
 from nnsae.hooks import HookPoint, HookSpec, resolve_hook
 from nnsae.io.registry import list_pretrained
 from nnsae.models import load_model, load_smollm2
 from nnsae.saes import ARCHITECTURES, SAE, register_architecture
+from nnsae.train import TrainConfig, train
+from nnsae.upload import upload_saes_to_huggingface
 
 __version__ = "0.1.0"
 
 __all__ = ["ARCHITECTURES", "ActivationStore", "Harvester", "HookPoint", "HookSpec", "SAE", "SAEConfig", "SAEHandle",
-           "SAEMetadata", "SAEOrderError", "attach", "attached", "detach", "evaluate",
+           "SAEMetadata", "SAEOrderError", "TrainConfig", "attach", "attached", "detach", "evaluate",
            "feature_attribution", "list_pretrained", "load_model", "load_smollm2", "models", "offline_corpus",
            "register_architecture", "resolve_hook", "run_with_cache_with_saes", "run_with_saes", "saes", "splice",
-           "steer"]
+           "steer", "train", "dashboard", "neuronpedia", "upload_saes_to_huggingface", "extract", "load_features",
+           "load_feature_stats"]

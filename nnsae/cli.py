@@ -58,6 +58,67 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"Wrote {args.out}")
 
 
+# Short spellings of TrainConfig fields used on the command line (the long ones work too).
+TRAIN_ALIASES = {"arch": "architecture", "expansion": "expansion_factor", "tokens": "training_tokens"}
+
+
+def _train_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (`--l1-coefficient`, ...), typed from the dataclass."""
+    import dataclasses
+    import typing
+
+    from nnsae.train.config import TrainConfig
+
+    aliases = {v: k for k, v in TRAIN_ALIASES.items()}
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("hook", "device"):  # --hook and --device are the command's own
+            continue
+        flags = ["--" + f.name.replace("_", "-")] + (["--" + aliases[f.name]] if f.name in aliases else [])
+        hint = str(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if "bool" in hint:
+            kind = lambda v: v.lower() in ("1", "true", "yes")  # noqa: E731
+            parser.add_argument(*flags, type=kind, default=default, metavar="BOOL", help=f"(default {default})")
+        elif "list" in hint:
+            parser.add_argument(*flags, type=int, nargs="*", default=default, help=f"(default {default})")
+        else:
+            integer = "int" in hint and "float" not in hint
+            kind = (lambda v: int(float(v))) if integer else float if "float" in hint else str
+            parser.add_argument(*flags, type=kind, default=default, help=f"(default {default})")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from nnsae.harvest import ActivationStore
+    from nnsae.models import load_model
+    from nnsae.train import TrainConfig, train
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("hook", "device")}
+    values["device"] = args.device
+    cfgs = [TrainConfig(**{**values, "hook": hook, "name": values["name"] if len(args.hook) == 1 else None})
+            for hook in args.hook]
+    model, tokenizer = load_model(args.model, device=args.device)
+    store = ActivationStore(model, args.hook, args.dataset, tokenizer=tokenizer, context_size=args.context_size or 128,
+                            batch_size_tokens=args.batch_size_tokens, split=args.split or "train")
+    saes = train(model, cfgs, store, args.out, resume=args.resume)
+    for name in saes:
+        print(f"Wrote {Path(args.out) / name}")
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from nnsae.extract import extract
+    from nnsae.models import load_model
+
+    model, tokenizer = load_model(args.model, device=args.device)
+    saes = [load_sae_arg(spec, device=args.device) for spec in args.sae]
+    out = extract(model, saes, args.dataset, args.out, tokenizer=tokenizer, context_size=args.context_size or 128,
+                  batch_size_prompts=args.batch_size_prompts, top_k=args.top_k or None, threshold=args.threshold,
+                  n_tokens=int(args.tokens) if args.tokens else None, split=args.split or "train")
+    print(f"Wrote {out}")
+
+
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded, offline), an HF model id or a local path")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -90,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--release", default=None, help="print the SAE ids of this release")
     p.set_defaults(func=cmd_list)
 
+    p = sub.add_parser("train", help="harvest activations and train SAEs (several hooks share one model pass)")
+    _model_arguments(p)
+    p.add_argument("--hook", action="append", required=True, help="HF module path or TransformerLens hook name "
+                                                                   "(repeatable: one SAE per hook)")
+    p.add_argument("--batch-size-tokens", type=int, default=4096)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    _train_config_arguments(p)
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("eval", help="SAELens metrics (L0, explained variance, CE/KL scores, ...) of SAEs")
     _model_arguments(p)
     p.add_argument("--sae", action="append", required=True, help="SAE directory or RELEASE:SAE_ID (repeatable; "
@@ -100,6 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval.json", help="a .json file, or a folder for one JSON per SAE")
     p.add_argument("--plots", action="store_true", help="also write L0 and feature-density histograms (PNG)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("extract", help="per-token sparse features of SAEs over a dataset (sharded parquet, "
+                                       "resumable) plus per-feature statistics")
+    _model_arguments(p)
+    p.add_argument("--sae", action="append", required=True, help="SAE directory or RELEASE:SAE_ID (repeatable; "
+                                                                  "one model pass for all)")
+    p.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
+    p.add_argument("--tokens", type=float, default=None, help="stop after this many tokens (default: whole dataset)")
+    p.add_argument("--top-k", type=int, default=64, help="features kept per token (0: all above --threshold)")
+    p.add_argument("--threshold", type=float, default=0.0)
+    p.add_argument("--batch-size-prompts", type=int, default=8)
+    p.set_defaults(func=cmd_extract)
+
+    from nnsae.dashboard.cli import add_dashboard_command
+
+    add_dashboard_command(sub)
     return parser
 
 

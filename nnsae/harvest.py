@@ -38,6 +38,10 @@ def hf_module(model: Any) -> torch.nn.Module:
     return model._module if isinstance(model, Envoy) else model
 
 
+class _ProbeDone(Exception):
+    pass
+
+
 def execution_order(model: Any, points: Sequence[HookPoint]) -> tuple[list[int], list[int]]:
     """(indices of `points` in the order the forward reaches them, activation width of each point), found with
     one single-token forward and plain torch hooks."""
@@ -46,10 +50,14 @@ def execution_order(model: Any, points: Sequence[HookPoint]) -> tuple[list[int],
     widths: dict[tuple[str, str], int] = {}
     handles = []
 
+    wanted = {(p.module, p.io) for p in points}
+
     def record(key: tuple[str, str], value: Any) -> None:
         value = value[0] if isinstance(value, tuple) else value
         events.append(key)
         widths.setdefault(key, value.shape[-1])
+        if wanted <= widths.keys():
+            raise _ProbeDone  # no need to run the rest of the model
 
     for point in sorted({(p.module, p.io) for p in points}):
         module = get_module(hf, point[0])
@@ -63,6 +71,8 @@ def execution_order(model: Any, points: Sequence[HookPoint]) -> tuple[list[int],
     try:
         with torch.no_grad():
             hf(torch.zeros(1, 1, dtype=torch.long, device=device))
+    except _ProbeDone:
+        pass
     finally:
         for h in handles:
             h.remove()

@@ -83,3 +83,31 @@ def test_list_shows_releases(capsys):
     assert "jbloom/GPT2-Small-SAEs-Reformatted" in capsys.readouterr().out
     main(["list", "--release", "gpt2-small-res-jb"])
     assert "blocks.8.hook_resid_pre" in capsys.readouterr().out.split()
+
+
+def test_train_then_eval_from_the_command_line(tmp_path, capsys):
+    from tests.test_harvest import TEXTS
+    from tests.tiny_models import tiny_model, tiny_tokenizer
+
+    model_dir, data = tmp_path / "tiny-llama", tmp_path / "data.jsonl"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data.write_text("\n".join(f'{{"text": "{t}"}}' for t in TEXTS * 4))
+    main(["train", "--model", str(model_dir), "--hook", "model.layers.1", "--hook", "blocks.0.hook_resid_post",
+          "--dataset", str(data), "--context-size", "32", "--arch", "topk", "--k", "4", "--expansion", "2",
+          "--tokens", "2048", "--batch-size-tokens", "256", "--out", str(tmp_path / "runs")])
+    written = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.startswith("Wrote")]
+    assert len(written) == 2
+    sae = SAE.load_from_disk(written[0])
+    assert sae.cfg.architecture == "topk" and sae.cfg.k == 4 and sae.cfg.d_sae == 128
+    assert sae.cfg.metadata.hf_hook_name == "model.layers.1.output" and sae.cfg.metadata.context_size == 32
+    main(["eval", "--model", str(model_dir), "--sae", written[0], "--sae", written[1], "--dataset", str(data),
+          "--tokens", "512", "--ce-tokens", "256", "--out", str(tmp_path / "eval.json")])
+    out = capsys.readouterr().out
+    assert "CE loss score" in out and (tmp_path / "eval.json").exists()
+    main(["extract", "--model", str(model_dir), "--sae", written[0], "--dataset", str(data), "--context-size", "32",
+          "--tokens", "256", "--top-k", "3", "--out", str(tmp_path / "feats")])
+    from nnsae import load_features
+
+    table = load_features(tmp_path / "feats", format="table")
+    assert table.num_rows >= 256 and max(len(v) for v in table.column(table.column_names[-1]).to_pylist()) == 3

@@ -1,0 +1,138 @@
+"""Feature-extraction throughput on SmolLM2 against a plain HF forward stopped after the deepest hook.
+
+For 1 SAE (layer 6) and 3 SAEs (layers 3, 6, 9) — random TopK SAEs, d_sae 4608, k 32, SAELens configs with
+`hf_hook_name` — on the same batches of the offline corpus (context 128, 8 prompts per batch):
+
+* forward: the HF model with a forward hook on the deepest layer that raises (embed + layers[:L+1]);
+* forward + encode: the same plus the bare SAE math on the captured activations (`x @ W_enc + b_enc`, top-k) —
+  the compute any extraction must do (each of these SAEs costs about 3/4 of a SmolLM2 layer);
+* `nnsae.extract` end to end: packing, the nnsight harvest, encoding, per-token lists, streaming statistics and
+  top contexts, parquet shard, statistics state, final statistics and manifest writes (with fsync);
+* `nnsae.extract` steady state: the end-to-end time minus the one-time cost of a call (an extraction of a single
+  128-token chunk: hook resolution and the harvester's probe forward, fingerprints, final statistics files), i.e.
+  the throughput of a long run.
+
+Run: `python -m benchmarks.extract [--tokens 4096] [--repeats 2] [--threads 1]`. Measurements are repeated
+round-robin and the fastest repeat is kept. One torch thread by default: the ratios then measure work rather than
+how a shared machine schedules OpenMP threads (`--threads 0` keeps torch's default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import machine_line, markdown_table
+from nnsae import SAE, SAEConfig
+from nnsae.data import OFFLINE, iter_documents, pack
+from nnsae.extract import extract
+
+D_IN, D_SAE, K, CTX, BATCH = 576, 4608, 32, 128, 8
+CONFIGS = {"1 SAE (layer 6)": [6], "3 SAEs (layers 3, 6, 9)": [3, 6, 9]}
+
+
+class _Stop(Exception):
+    pass
+
+
+def make_sae(layer: int) -> SAE:
+    torch.manual_seed(layer)
+    return SAE.from_config(SAEConfig(
+        d_in=D_IN, d_sae=D_SAE, architecture="topk", k=K,
+        metadata={"model_name": "HuggingFaceTB/SmolLM2-135M-Instruct", "hook_name": f"blocks.{layer}.hook_resid_post",
+                  "hf_hook_name": f"model.layers.{layer}", "context_size": CTX, "prepend_bos": True}))
+
+
+def truncated_forward(model, batches: list[torch.Tensor], layers: list[int], saes: list[SAE] | None = None) -> None:
+    """Plain HF forward stopped (by an exception) after the deepest hooked layer; optionally the bare SAE math."""
+    captured: dict[int, torch.Tensor] = {}
+    deepest = max(layers)
+
+    def hook(output, layer):
+        captured[layer] = output[0] if isinstance(output, tuple) else output
+        if layer == deepest:
+            raise _Stop
+
+    handles = [model.model.layers[L].register_forward_hook(lambda m, a, o, L=L: hook(o, L)) for L in layers]
+    try:
+        with torch.inference_mode():
+            for tokens in batches:
+                try:
+                    model(tokens)
+                except _Stop:
+                    pass
+                for L, sae in zip(layers, saes or []):
+                    x = captured[L].flatten(0, 1)
+                    torch.topk((x - sae.b_dec) @ sae.W_enc + sae.b_enc, K, dim=-1)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run(n_tokens: int = 4096, repeats: int = 2, threads: int = 1) -> str:
+    from nnsae.models import load_smollm2
+
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model, tokenizer = load_smollm2()
+    load_s = time.perf_counter() - start
+    n_chunks = max(n_tokens // CTX, 2)
+    chunks = list(itertools.islice(pack(iter_documents(OFFLINE), tokenizer, CTX), n_chunks))
+    batches = [torch.stack([c.tokens for c in chunks[i:i + BATCH]]) for i in range(0, n_chunks, BATCH)]
+    tokens = n_chunks * CTX
+    truncated_forward(model, batches[:1], [9])  # warm-up
+    tmp = Path(tempfile.mkdtemp(prefix="nnsae-bench-extract-"))
+
+    def extraction(saes: list[SAE], n: int) -> None:
+        shutil.rmtree(tmp / "out", ignore_errors=True)
+        extract((model, tokenizer), saes, OFFLINE, tmp / "out", n_tokens=n, context_size=CTX,
+                batch_size_prompts=BATCH, progress=False)
+
+    rows = []
+    try:
+        for label, layers in CONFIGS.items():
+            saes = [make_sae(L) for L in layers]
+            runs = {
+                "forward": lambda: truncated_forward(model, batches, layers),
+                "floor": lambda: truncated_forward(model, batches, layers, saes),
+                "extract": lambda: extraction(saes, tokens),
+                "setup": lambda: extraction(saes, CTX),
+            }
+            best = {name: float("inf") for name in runs}
+            for _ in range(repeats):
+                for name, fn in runs.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    best[name] = min(best[name], time.perf_counter() - t0)
+            fwd, floor, e2e = (tokens / best[k] for k in ("forward", "floor", "extract"))
+            steady = (tokens - CTX) / max(best["extract"] - best["setup"], 1e-9)
+            rows.append([label, f"{fwd:,.0f}", f"{floor:,.0f}", f"{e2e:,.0f}", f"{best['setup']:.2f}",
+                         f"{steady:,.0f}", f"{e2e / fwd:.2f}×", f"{steady / fwd:.2f}×", f"{steady / floor:.2f}×"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    header = ["SAEs", "HF forward tok/s", "forward + bare encode tok/s", "extract end-to-end tok/s",
+              "one-time cost s", "extract steady tok/s", "end-to-end / forward", "steady / forward",
+              "steady / (forward + encode)"]
+    return (f"Feature extraction, SmolLM2-135M, {tokens} tokens (context {CTX}, {BATCH} prompts per batch), random "
+            f"TopK SAEs d_sae {D_SAE} k {K}; best of {repeats}; model load {load_s:.0f} s (float32, CPU; "
+            f"{machine_line()})\n\n" + markdown_table(header, rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    print(run(args.tokens, args.repeats, args.threads))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1000 @@
+"""Batch feature extraction: SAE features of every token of a dataset, written as resumable parquet shards, with
+per-feature statistics and top activating contexts computed in the same pass.
+
+    out = nnsae.extract(model, [sae_a, sae_b], "offline", "feats/", n_tokens=1_000_000)
+    table = load_features(out)                        # one row per token
+    stats = load_feature_stats(out, "blocks.6.hook_resid_post")
+
+One model forward per batch serves every SAE (`Harvester`: all read hooks in one nnsight trace, the forward
+stopped after the deepest). Layout of `out`:
+
+    manifest.json                       what was run (model, SAEs, dataset, settings) and the committed shards
+    shards/shard-000000.parquet         one row per token (see `extract`)
+    stats/state/{sae}.{k:06d}.safetensors  streaming statistics after k shards (only the latest is kept)
+    stats/{sae}.safetensors, .json      final statistics (written when the run completes)
+
+Exactness under interruption: a shard is a fixed number of whole chunks of the packed token stream, processed in
+fixed batches, so a shard's content does not depend on when the run started. A shard is committed by (1) writing
+the parquet file (temp file, fsync, os.replace), (2) writing every SAE's statistics state after that shard the same
+way, under a new versioned name, then (3) atomically replacing manifest.json to list the shard and point at the new
+state. A run killed at any moment leaves either the old or the new manifest, and the files each refers to are
+complete; a restart with the same call deletes what no manifest refers to, restores the statistics, and continues
+with the first chunk after the last committed shard (`pack(..., skip_chunks=)`), so every token ends up exactly once
+and the output is byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import itertools
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nnsae.data import OFFLINE, Chunk, iter_documents, pack, special_token_ids
+from nnsae.harvest import Harvester, as_nnsight, hf_module
+from nnsae.hooks import HookPoint, resolve_hook
+from nnsae.saes import SAE
+from nnsae.saes.topk import TopKSAE
+
+__all__ = ["extract", "load_features", "load_feature_stats", "histogram_edges", "sae_names", "FeatureStats"]
+
+FORMAT = "nnsae.features"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+STATS = "stats"
+STATE = "stats/state"
+LOCK = ".lock"
+DEFAULT_HISTOGRAM_BINS = 60  # log-spaced over [1e-3, 1e3]: 10 bins per decade
+HISTOGRAM_RANGE = (1e-3, 1e3)
+_TMP_PREFIX = ".tmp-"
+BASE_COLUMNS = {"token_id": pa.int32(), "doc_id": pa.int64(), "position": pa.int32(), "chunk_index": pa.int64(),
+                "chunk_position": pa.int32(), "is_special": pa.bool_()}
+DENSE_LOOKUP_LIMIT = 1 << 25  # (batch tokens + padding) x d_sae up to which windows read a dense copy (128 MB)
+
+
+# ---- names, fingerprints, settings ----------------------------------------------------------------------------------
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+
+
+def sae_names(saes: SAE | Sequence[SAE] | Mapping[str, SAE]) -> list[str]:
+    """The names `extract` gives `saes` (columns `{name}.indices`/`{name}.values`, files `stats/{name}.*`): the
+    dict keys, else `cfg.metadata.hook_name`, `hf_hook_name`, `neuronpedia_id`, else `sae_{i}`; made
+    filesystem-safe (anything outside `[A-Za-z0-9._-]` becomes `_`) and unique (`_2`, `_3`, ... appended)."""
+    return [name for name, _ in _named_saes(saes)]
+
+
+def _named_saes(saes: SAE | Sequence[SAE] | Mapping[str, SAE]) -> list[tuple[str, SAE]]:
+    if isinstance(saes, SAE):
+        saes = [saes]
+    if isinstance(saes, Mapping):
+        pairs = [(str(k), v) for k, v in saes.items()]
+    else:
+        pairs = []
+        for i, sae in enumerate(saes):
+            meta = getattr(getattr(sae, "cfg", None), "metadata", None)
+            raw = next((getattr(meta, key, None) for key in ("hook_name", "hf_hook_name", "neuronpedia_id")
+                        if getattr(meta, key, None)), None)
+            pairs.append((raw or f"sae_{i}", sae))
+    if not pairs:
+        raise ValueError("extract() needs at least one SAE.")
+    named, seen = [], set()
+    for i, (raw, sae) in enumerate(pairs):
+        if not isinstance(sae, SAE):
+            raise TypeError(f"extract() takes nnsae SAEs, got {type(sae).__name__} for {raw!r}.")
+        base = _safe(raw) or f"sae_{i}"
+        name, n = base, 1
+        while name in seen:
+            n += 1
+            name = f"{base}_{n}"
+        seen.add(name)
+        named.append((name, sae))
+    return named
+
+
+def _check_same_model(named: list[tuple[str, SAE]]) -> None:
+    models: dict[str, list[str]] = {}
+    for name, sae in named:
+        model_name = sae.cfg.metadata.model_name
+        if model_name:
+            models.setdefault(str(model_name), []).append(name)
+    if len(models) > 1:
+        which = "; ".join(f"{', '.join(names)} for model {m!r}" for m, names in models.items())
+        raise ValueError(f"All SAEs in one extraction must be for the same model, but they are for different "
+                         f"models (cfg.metadata.model_name): {which}. Run extract() once per model.")
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def _sae_fingerprint(sae: SAE) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(sae.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def _model_fingerprint(hf: nn.Module) -> str:
+    """Parameter names, shapes, dtypes and the first/last 512 values of each: cheap, and different for any other
+    checkpoint or dtype."""
+    h = hashlib.sha256()
+    for name, p in hf.named_parameters():
+        flat = p.detach().reshape(-1)
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(_tensor_bytes(flat[:512]) + _tensor_bytes(flat[-512:]))
+    return h.hexdigest()
+
+
+_PROBE = "The quick brown fox jumps over the lazy dog. 0123456789 ÄÖÜ éàç 日本語 def f(x): return x**2\n\t"
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Class, size, special ids and the ids of a probe text: cheap, and different for another tokenizer. (A resume
+    also checks that the last committed chunk re-tokenizes to the same ids.)"""
+    specials = [getattr(tokenizer, f"{n}_token_id", None) for n in ("bos", "eos", "pad", "sep", "cls", "unk")]
+    ids = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    return hashlib.sha256(json.dumps([type(tokenizer).__name__, len(tokenizer), specials, list(ids)]).encode()
+                          ).hexdigest()
+
+
+def _looks_like_path(dataset: str) -> bool:
+    return (dataset.startswith(("/", "./", "../", "~")) or os.sep in dataset and Path(dataset).parent.exists()
+            or dataset.endswith((".txt", ".json", ".jsonl", ".parquet")))
+
+
+def _dataset_descriptor(dataset: Any, split: str, text_column: str | None) -> dict[str, Any]:
+    if isinstance(dataset, str):
+        path = Path(dataset).expanduser()
+        if dataset != OFFLINE and not path.exists() and _looks_like_path(dataset):
+            raise FileNotFoundError(f"Dataset {dataset!r} does not exist: pass an existing .txt/.jsonl/.parquet "
+                                    "file or folder, an HF dataset name, or 'offline'.")
+        desc: dict[str, Any] = {"path": dataset, "split": split, "text_column": text_column}
+        if path.exists():
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            desc["files"] = [[str(p.relative_to(path)) if path.is_dir() else p.name, p.stat().st_size] for p in files]
+        return desc
+    if isinstance(dataset, (list, tuple)):
+        h = hashlib.sha256()
+        for text in dataset:
+            h.update(hashlib.sha256(str(text).encode()).digest())
+        return {"path": None, "n_documents": len(dataset), "sha256": h.hexdigest(), "text_column": text_column}
+    return {"path": None, "type": type(dataset).__name__, "text_column": text_column}
+
+
+def histogram_edges(bins: int | Sequence[float] = DEFAULT_HISTOGRAM_BINS) -> torch.Tensor:
+    """Histogram bin edges (float64): `bins` log-spaced bins over [1e-3, 1e3], or the given increasing positive
+    edges. The stored histogram has two more columns than bins: [0] counts positive values below the first edge,
+    [-1] values at or above the last edge."""
+    if isinstance(bins, int):
+        if bins < 1:
+            raise ValueError(f"histogram_bins={bins} must be ≥ 1.")
+        lo, hi = HISTOGRAM_RANGE
+        return torch.logspace(math.log10(lo), math.log10(hi), bins + 1, dtype=torch.float64)
+    edges = torch.tensor([float(e) for e in bins], dtype=torch.float64)
+    if edges.numel() < 2 or not bool((edges > 0).all()) or not bool((edges[1:] > edges[:-1]).all()):
+        raise ValueError("histogram_bins must be an int or at least two increasing positive edges.")
+    return edges
+
+
+def _diff(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in old or key not in new:
+                out.append(f"{sub} (only in the {'existing run' if key in old else 'new call'})")
+            else:
+                out += _diff(old[key], new[key], sub)
+        return out
+    if old != new:
+        show = lambda v: (v[:12] + "…" if isinstance(v, str) and len(v) == 64 else json.dumps(v))[:120]  # noqa: E731
+        return [f"{path}: existing {show(old)}, now {show(new)}"]
+    return []
+
+
+def _comparable(header: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a manifest that must match for a restart to continue the same run."""
+    return {
+        "model": {k: header["model"][k] for k in ("fingerprint",)},
+        "tokenizer": header["tokenizer"],
+        "dataset": header["dataset"],
+        "settings": header["settings"],
+        "saes": {s["name"]: {k: v for k, v in s.items() if k != "cfg"} | {"cfg": _cfg_sans_device(s["cfg"])}
+                 for s in header["saes"]},
+    }
+
+
+def _cfg_sans_device(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k != "device"}
+
+
+# ---- files --------------------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through `write(tmp_path)` to a temp file beside `path`, fsync it, then os.replace it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX + path.name + ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    """Write one shard (atomically). Module-level so tests can inject write errors."""
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def _write_state(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+
+def _write_json(data: dict[str, Any], path: Path) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+
+    _atomic_write(path, write)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}).") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an nnsae feature-extraction manifest.")
+    return manifest
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `out` (released by the OS when the process dies, even by SIGKILL)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    with open(out / LOCK, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"Another process is extracting into {out} (it holds {out / LOCK}).") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _state_path(out: Path, name: str, version: int) -> Path:
+    return out / STATE / f"{name}.{version:06d}.safetensors"
+
+
+def _clean(out: Path, manifest: dict[str, Any]) -> None:
+    """Delete what no committed manifest refers to: temp files, shards and statistics states of an interrupted
+    commit."""
+    keep_shards = {s["file"] for s in manifest["shards"]}
+    keep_states = set(manifest["stats_state"]["files"].values())
+    for folder in (out, out / SHARDS, out / STATS, out / STATE):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            rel = p.relative_to(out).as_posix()
+            stray = p.name.startswith(_TMP_PREFIX)
+            stray |= folder == out / SHARDS and rel not in keep_shards
+            stray |= folder == out / STATE and rel not in keep_states
+            if stray and p.is_file():
+                p.unlink()
+
+
+# ---- encoding -----------------------------------------------------------------------------------------------------
+
+
+def _is_plain_topk(sae: SAE) -> bool:
+    return (isinstance(sae, TopKSAE) and type(sae).activation is TopKSAE.activation
+            and type(sae).encode is SAE.encode and type(sae.hook_sae_acts_post) is nn.Identity)
+
+
+def sparse_activations(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every non-zero entry of `sae.encode(x)` for x [n, d_in]: (row, feature, value float32), ordered by (row,
+    feature). TopK SAEs skip the dense [n, d_sae] tensor (same values: `encode` scatters `select`'s output)."""
+    n = x.shape[0]
+    if _is_plain_topk(sae):
+        sae_in = sae.process_sae_in(x)
+        pre = sae._hook("hook_sae_acts_pre", sae.pre_activation(sae_in))
+        if sae.cfg.rescale_acts_by_decoder_norm:
+            pre = pre * sae.W_dec.norm(dim=-1)
+        values, indices = sae.select(pre)
+        indices, order = indices.sort(dim=1)
+        values = values.gather(1, order)
+        rows = torch.arange(n, device=values.device).unsqueeze(1).expand_as(indices)
+        keep = values != 0
+        return rows[keep].cpu(), indices[keep].cpu(), values[keep].float().cpu()
+    acts = sae.encode(x)
+    keep = acts != 0
+    rows, feats = keep.nonzero(as_tuple=True)
+    return rows.cpu(), feats.cpu(), acts[keep].float().cpu()
+
+
+def _grouped_desc(groups: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """The permutation sorting entries by (group asc, value desc), ties kept in input order: one stable sort of an
+    int64 key made of the group and the float32 bits of the value mapped to an order-preserving integer."""
+    bits = vals.float().view(torch.int32).to(torch.int64)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # ascending in the float value
+    return torch.sort(groups * (1 << 33) + ((1 << 31) - ordered), stable=True).indices
+
+
+def _token_lists(rows: torch.Tensor, feats: torch.Tensor, vals: torch.Tensor, n: int, top_k: int | None
+                 ) -> tuple[pa.Array, pa.Array]:
+    """Per-token list arrays (indices int32, values float32) sorted by value desc (then feature asc), cut to top_k.
+    Input entries are ordered by (row, feature)."""
+    order = _grouped_desc(rows, vals)
+    rows, feats, vals = rows[order], feats[order], vals[order]
+    counts = torch.bincount(rows, minlength=n)
+    if top_k is not None:
+        starts = counts.cumsum(0) - counts
+        keep = torch.arange(rows.numel()) - starts[rows] < top_k
+        feats, vals, counts = feats[keep], vals[keep], counts.clamp(max=top_k)
+    offsets = pa.array(torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32).numpy())
+    return (pa.ListArray.from_arrays(offsets, pa.array(feats.to(torch.int32).numpy())),
+            pa.ListArray.from_arrays(offsets, pa.array(vals.numpy())))
+
+
+# ---- streaming statistics -----------------------------------------------------------------------------------------
+
+
+class FeatureStats:
+    """Streaming per-feature statistics of one SAE, in bounded memory (O(d_sae · n_top · window)).
+
+    Counted: every entry with |value| > threshold (of tokens not excluded). Kept: firing count, activation sum
+    (float64), max activation, a histogram of positive values over fixed edges, and the `n_top` most activating
+    contexts per feature — ranked by value (> threshold), ties by earlier global token index — each with the token
+    ids and this feature's activations in a window of ±`window` tokens inside the token's chunk (-1 / 0 outside).
+    Batches must arrive in increasing global token order (which makes "existing entries win ties" exact).
+    """
+
+    def __init__(self, d_sae: int, edges: torch.Tensor, n_top: int, window: int, threshold: float):
+        self.d_sae, self.edges, self.n_top, self.window, self.threshold = d_sae, edges, n_top, window, threshold
+        self._dense: torch.Tensor | None = None  # scratch for `_windows`, not state
+        width = 2 * window + 1
+        nb = edges.numel() + 1  # n_bins + 2 (under/overflow)
+        self.t = {
+            "firing_count": torch.zeros(d_sae, dtype=torch.int64),
+            "activation_sum": torch.zeros(d_sae, dtype=torch.float64),
+            "max_activation": torch.full((d_sae,), -math.inf),
+            "histogram": torch.zeros(d_sae, nb, dtype=torch.int64),
+            "top_values": torch.full((d_sae, n_top), -math.inf),
+            "top_index": torch.full((d_sae, n_top), -1, dtype=torch.int64),
+            "top_slot": torch.arange(n_top).repeat(d_sae, 1),  # rank → slot of the window arrays below
+            "window_tokens": torch.full((d_sae, n_top, width), -1, dtype=torch.int32),
+            "window_acts": torch.zeros(d_sae, n_top, width),
+            "n_tokens": torch.zeros(1, dtype=torch.int64),
+            "n_tokens_counted": torch.zeros(1, dtype=torch.int64),
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.t)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for key, value in self.t.items():
+            if key not in state or state[key].shape != value.shape or state[key].dtype != value.dtype:
+                raise ValueError(f"Statistics state does not match this SAE (tensor {key!r}).")
+        self.t = {k: state[k].clone() for k in self.t}
+
+    def update(self, rows: torch.Tensor, feats: torch.Tensor, vals: torch.Tensor, tokens: torch.Tensor,
+               counted: torch.Tensor | None, first_index: int) -> None:
+        """One batch. rows/feats/vals: every non-zero activation, ordered by (row, feature); tokens [B, T];
+        counted [B*T] bool: the tokens that enter the statistics (None: all); row r is global token
+        `first_index + r`."""
+        t = self.t
+        t["n_tokens"] += tokens.numel()
+        t["n_tokens_counted"] += tokens.numel() if counted is None else int(counted.sum())
+        mask = vals.abs() > self.threshold
+        if counted is not None:
+            mask &= counted[rows]
+        idx = mask.nonzero().squeeze(1)
+        f, v = feats.index_select(0, idx), vals.index_select(0, idx)
+        t["firing_count"] += torch.bincount(f, minlength=self.d_sae)
+        t["activation_sum"] += torch.bincount(f, weights=v.double(), minlength=self.d_sae)
+        t["max_activation"].scatter_reduce_(0, f, v, "amax")
+        positive = (v > 0).nonzero().squeeze(1)
+        bins = torch.bucketize(v.index_select(0, positive).double(), self.edges, right=True)
+        nb = t["histogram"].shape[1]
+        t["histogram"].view(-1).index_add_(0, f.index_select(0, positive) * nb + bins, torch.ones_like(bins))
+        if self.n_top:
+            self._update_top(rows, feats, vals, idx, f, v, tokens, first_index)
+
+    def _update_top(self, rows_all: torch.Tensor, feats_all: torch.Tensor, vals_all: torch.Tensor,
+                    idx: torch.Tensor, f: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor, first_index: int
+                    ) -> None:
+        t, N = self.t, self.n_top
+        floor = t["top_values"][:, N - 1].contiguous()  # the value to beat: equal values lose to earlier tokens
+        cand = ((v > self.threshold) & (v > floor.index_select(0, f))).nonzero().squeeze(1)
+        if cand.numel() == 0:
+            return
+        rows, feats, vals = rows_all.index_select(0, idx[cand]), f.index_select(0, cand), v.index_select(0, cand)
+        # Group by feature; within a feature, value desc then row asc (the input is in row order).
+        order = _grouped_desc(feats, vals)
+        rows, feats, vals = rows[order], feats[order], vals[order]
+        uniq, counts = torch.unique_consecutive(feats, return_counts=True)
+        group = torch.repeat_interleave(torch.arange(uniq.numel()), counts)
+        rank = torch.arange(feats.numel()) - (counts.cumsum(0) - counts)[group]
+        keep = rank < N
+        group, rank, rows, vals = group[keep], rank[keep], rows[keep], vals[keep]
+        new_vals = torch.full((uniq.numel(), N), -math.inf)
+        new_rows = torch.full((uniq.numel(), N), -1, dtype=torch.int64)
+        new_vals[group, rank], new_rows[group, rank] = vals, rows
+        # Merge: existing entries first, so a stable sort keeps them ahead of equal new values (earlier tokens).
+        old_vals, old_index, old_slot = t["top_values"][uniq], t["top_index"][uniq], t["top_slot"][uniq]
+        sel = torch.sort(torch.cat([old_vals, new_vals], 1), dim=1, descending=True, stable=True).indices[:, :N]
+        from_old = sel < N
+        old_sel, new_sel = sel.clamp(max=N - 1), (sel - N).clamp(min=0)
+        picked_rows = new_rows.gather(1, new_sel)
+        t["top_values"][uniq] = torch.where(from_old, old_vals.gather(1, old_sel), new_vals.gather(1, new_sel))
+        t["top_index"][uniq] = torch.where(from_old, old_index.gather(1, old_sel), first_index + picked_rows)
+        # Windows stay in their slots; entries that enter take the slots of those that left (lowest first), so only
+        # the new windows are written.
+        fresh = ~from_old
+        kept_slot = torch.where(from_old, old_slot.gather(1, old_sel), N)
+        kept = torch.zeros(uniq.numel(), N + 1, dtype=torch.int8).scatter_(1, kept_slot, 1)[:, :N]
+        free = torch.sort(kept, dim=1, stable=True).indices  # free slots first, ascending
+        fresh_rank = (fresh.cumsum(1) - 1).clamp(min=0)
+        slot = torch.where(from_old, kept_slot, free.gather(1, fresh_rank))
+        t["top_slot"][uniq] = slot
+        if fresh.any():
+            fresh_feats = uniq.unsqueeze(1).expand(-1, N)[fresh]
+            win_tokens, win_acts = self._windows(picked_rows[fresh], fresh_feats, rows_all, feats_all, vals_all,
+                                                 tokens)
+            t["window_tokens"][fresh_feats, slot[fresh]] = win_tokens
+            t["window_acts"][fresh_feats, slot[fresh]] = win_acts
+
+    def _windows(self, rows: torch.Tensor, feats: torch.Tensor, rows_all: torch.Tensor, feats_all: torch.Tensor,
+                 vals_all: torch.Tensor, tokens: torch.Tensor, block: int = 1 << 16
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and feature activations in ±window around (row, feature) pairs, within the row's chunk."""
+        (B, T), w, d = tokens.shape, self.window, self.d_sae
+        width, padded_T = 2 * w + 1, T + 2 * w
+        padded = torch.nn.functional.pad(tokens.to(torch.int32), (w, w), value=-1)
+        token_windows = padded.unfold(1, width, 1).reshape(-1, width)  # [B*T, W]
+        out_tokens, out_acts = [], []
+        size = B * padded_T * d
+        if size <= DENSE_LOOKUP_LIMIT:
+            # The batch's activations, dense, with `w` zero positions around each chunk: a window is one gather.
+            # The buffer is kept between batches and re-zeroed only where it was written.
+            if self._dense is None or self._dense.numel() < size or self._dense.dtype != vals_all.dtype:
+                self._dense = torch.zeros(size, dtype=vals_all.dtype)
+            dense = self._dense
+            where = (rows_all + (rows_all // T) * 2 * w + w) * d + feats_all
+            dense.index_put_((where,), vals_all)
+            steps = torch.arange(width) * d
+            try:
+                for start in range(0, rows.numel(), block):
+                    r, f = rows[start:start + block], feats[start:start + block]
+                    out_tokens.append(token_windows.index_select(0, r))
+                    at = ((r + (r // T) * 2 * w) * d + f).unsqueeze(1) + steps
+                    out_acts.append(dense.index_select(0, at.flatten()).view(-1, width))
+            finally:
+                dense.index_fill_(0, where, 0)
+            return torch.cat(out_tokens), torch.cat(out_acts)
+        # Too large for a dense copy: binary search in the sorted (row, feature) keys (never empty here).
+        keys = rows_all * d + feats_all
+        offsets = torch.arange(-w, w + 1)
+        zero = torch.zeros((), dtype=vals_all.dtype)
+        for start in range(0, rows.numel(), block):
+            r, f = rows[start:start + block], feats[start:start + block]
+            q = (r % T).unsqueeze(1) + offsets
+            qkey = (r.unsqueeze(1) + offsets) * d + f.unsqueeze(1)
+            pos = torch.searchsorted(keys, qkey).clamp(max=keys.numel() - 1)
+            hit = (q >= 0) & (q < T) & (keys[pos] == qkey)
+            out_tokens.append(token_windows[r])
+            out_acts.append(torch.where(hit, vals_all[pos], zero))
+        return torch.cat(out_tokens), torch.cat(out_acts)
+
+
+def _derived(state: dict[str, torch.Tensor], edges: torch.Tensor, context_size: int) -> dict[str, torch.Tensor]:
+    """Final statistics from a state: the state plus rates, means, SAELens' log10 sparsity, chunk coordinates."""
+    count = state["firing_count"]
+    counted = max(int(state["n_tokens_counted"]), 1)
+    rate = count.double() / counted
+    index = state["top_index"]
+    out = {k: v for k, v in state.items() if k not in ("top_slot", "window_tokens", "window_acts")}
+    gather = state["top_slot"].unsqueeze(-1).expand(-1, -1, state["window_tokens"].shape[-1])
+    out["top_tokens"] = state["window_tokens"].gather(1, gather)
+    out["top_acts"] = state["window_acts"].gather(1, gather)
+    out["max_activation"] = torch.where(count > 0, state["max_activation"], torch.zeros(()))
+    out["mean_activation"] = state["activation_sum"] / count.clamp(min=1)
+    out["firing_rate"] = rate
+    out["log_feature_sparsity"] = torch.log10(rate + 1e-10).float()
+    out["histogram_edges"] = edges
+    out["top_chunk_index"] = torch.where(index >= 0, index // context_size, -1)
+    out["top_position"] = torch.where(index >= 0, index % context_size, -1)
+    return out
+
+
+# ---- the extraction -----------------------------------------------------------------------------------------------
+
+
+def _hook_label(point: HookPoint) -> str:
+    label = f"{point.module}.{point.io}"
+    extras = [f"{k}={getattr(point, k)}" for k in ("center", "normalize") if getattr(point, k)]
+    return label + (f" ({', '.join(extras)})" if extras else "")
+
+
+def _n_heads(hf: nn.Module) -> int | None:
+    config = getattr(hf, "config", None)
+    return getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+
+
+def extract(model: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE], dataset: str | Iterable[str] = OFFLINE,
+            out: str | Path = "feats/", *, tokenizer: Any = None, context_size: int = 128,
+            batch_size_prompts: int = 8, top_k: int | None = 64, threshold: float = 0.0, n_tokens: int | None = None,
+            shard_tokens: int = 65536, n_top_contexts: int = 20, context_window: int = 16,
+            histogram_bins: int | Sequence[float] = DEFAULT_HISTOGRAM_BINS, split: str = "train",
+            text_column: str | None = None, prepend_bos: bool | None = None, exclude_special_tokens: bool = False,
+            progress: bool = True) -> Path:
+    """SAE features of every token of `dataset`, for all `saes` from one model pass per batch, into `out`.
+
+    `model`: an HF causal LM, an nnsight wrapper, or a `(model, tokenizer)` pair (as `load_smollm2()` returns).
+    `saes`: one SAE, a list, or `{name: sae}` (names otherwise from the hook, see `sae_names`); all for the same
+    model. `dataset`: as `nnsae.data.iter_documents` ("offline", local .txt/.jsonl/.parquet, HF name, list of
+    strings), packed SAELens-style into `context_size` chunks (BOS first when `prepend_bos`, default: the SAEs'
+    metadata, else True), `batch_size_prompts` chunks per forward. `n_tokens`: stop after this many tokens (rounded
+    up to whole chunks); default: the whole dataset.
+
+    Shards (`shards/shard-{i:06d}.parquet`, `shard_tokens` rounded down to whole chunks each) have one row per
+    token: `token_id` int32, `doc_id` int64 and `position` int32 (document index and position in it, -1 for
+    BOS/separators), `chunk_index` int64, `chunk_position` int32, `is_special` bool (BOS/EOS/PAD/...; nothing is
+    left out), and per SAE `{name}.indices` list<int32> / `{name}.values` list<float32>: the features with
+    |value| > `threshold`, sorted by value descending, at most `top_k` (None: all). A token's global index is
+    `chunk_index * context_size + chunk_position`.
+
+    Statistics per SAE (see `FeatureStats`) over all tokens (special tokens left out when
+    `exclude_special_tokens`), with `n_top_contexts` top contexts of ±`context_window` tokens and a histogram over
+    `histogram_edges(histogram_bins)`, land in `stats/`. Killed at any point and called again the same way, it
+    continues after the last complete shard and gives the same bytes as an uninterrupted run; called with other
+    settings on the same `out`, it refuses and names them. Returns `out`.
+    """
+    if isinstance(model, tuple) and len(model) == 2:
+        model, pair_tokenizer = model
+        tokenizer = tokenizer if tokenizer is not None else pair_tokenizer
+    named = _named_saes(saes)
+    _check_same_model(named)
+    if context_size < 2 or batch_size_prompts < 1 or shard_tokens < 1:
+        raise ValueError("context_size must be ≥ 2, batch_size_prompts ≥ 1 and shard_tokens ≥ 1.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be ≥ 1 (or None for every active feature).")
+    if threshold < 0 or not math.isfinite(threshold):
+        raise ValueError(f"threshold={threshold} must be a finite number ≥ 0.")
+    if n_top_contexts < 0 or context_window < 0:
+        raise ValueError("n_top_contexts and context_window must be ≥ 0.")
+    if n_tokens is not None and n_tokens < 1:
+        raise ValueError(f"n_tokens={n_tokens} must be ≥ 1 (or None for the whole dataset).")
+    nn_model = as_nnsight(model)
+    hf = hf_module(nn_model)
+    if tokenizer is None:
+        tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("extract() needs the model's tokenizer: pass tokenizer=... (or a (model, tokenizer) pair).")
+    config = getattr(hf, "config", None)
+    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if max_positions is not None and context_size > max_positions:
+        raise ValueError(f"context_size={context_size} is larger than the model's {max_positions} positions.")
+    if prepend_bos is None:
+        saved = {sae.cfg.metadata.prepend_bos for _, sae in named} - {None}
+        prepend_bos = bool(saved.pop()) if len(saved) == 1 else True
+    dataset_desc = _dataset_descriptor(dataset, split, text_column)
+    edges = histogram_edges(histogram_bins)
+
+    points = [resolve_hook(nn_model, sae).read for _, sae in named]
+    unique_points = list(dict.fromkeys(points))
+    point_of = [unique_points.index(p) for p in points]
+    harvester = Harvester(nn_model, unique_points)
+    for (name, sae), p in zip(named, point_of):
+        width = harvester.widths[p]
+        hook_z = sae.cfg.reshape_activations == "hook_z" and sae.reshapes_input
+        if width != sae.cfg.d_in and not hook_z:
+            raise ValueError(f"SAE {name!r} has d_in={sae.cfg.d_in} but its hook {_hook_label(points[p])} gives "
+                             f"width {width}.")
+
+    from nnsae import __version__
+
+    chunks_per_shard = max(1, shard_tokens // context_size)
+    max_chunks = math.ceil(n_tokens / context_size) if n_tokens is not None else None
+    settings = {
+        "context_size": context_size, "batch_size_prompts": batch_size_prompts, "top_k": top_k,
+        "threshold": threshold, "n_tokens": n_tokens, "chunks_per_shard": chunks_per_shard,
+        "n_top_contexts": n_top_contexts, "context_window": context_window,
+        "histogram_edges": edges.tolist(), "prepend_bos": prepend_bos,
+        "exclude_special_tokens": exclude_special_tokens,
+    }
+    specials = sorted(special_token_ids(tokenizer))
+    header = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "nnsae_version": __version__,
+        "model": {"name": getattr(config, "_name_or_path", None) or type(hf).__name__,
+                  "class": type(hf).__name__, "dtype": str(next(hf.parameters()).dtype).removeprefix("torch."),
+                  "fingerprint": _model_fingerprint(hf)},
+        "tokenizer": {"class": type(tokenizer).__name__, "special_token_ids": specials,
+                      "fingerprint": _tokenizer_fingerprint(tokenizer)},
+        "dataset": dataset_desc,
+        "settings": settings,
+        "columns": list(BASE_COLUMNS) + [f"{name}.{part}" for name, _ in named for part in ("indices", "values")],
+        "saes": [{"name": name, "hook": _hook_label(points[i]), "architecture": sae.cfg.architecture,
+                  "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "fingerprint": _sae_fingerprint(sae),
+                  "cfg": sae.cfg.to_dict()} for i, (name, sae) in enumerate(named)],
+    }
+
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(out):
+            return _run(out, header, named, point_of, harvester, tokenizer, dataset, split, text_column, specials,
+                        edges, max_chunks, progress, hf)
+    except BaseException as e:
+        if created and not (out / MANIFEST).exists():  # failed before anything was written: leave no trace
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, _EmptyDataset):
+            raise ValueError(str(e)) from None
+        raise
+
+
+class _EmptyDataset(Exception):
+    pass
+
+
+def _open_manifest(out: Path, header: dict[str, Any]) -> dict[str, Any]:
+    manifest = _read_manifest(out)
+    if manifest is None:
+        foreign = [p.name for p in out.iterdir() if p.name != LOCK and not p.name.startswith(_TMP_PREFIX)]
+        if foreign:
+            raise ValueError(f"{out} is not empty and holds no {MANIFEST}: refusing to write an extraction into it "
+                             f"(found {sorted(foreign)[:5]}). Use a new or empty directory.")
+        return header | {"complete": False, "total_tokens": 0, "total_chunks": 0, "shards": [],
+                         "stats_state": {"shards_done": 0, "files": {}}, "stats": {}}
+    differences = _diff(_comparable(manifest), _comparable(header))
+    if differences:
+        raise ValueError(f"{out} already holds an extraction with different settings: " + "; ".join(differences)
+                         + ". Use a new output directory, or call again with the original settings to resume.")
+    for shard in manifest["shards"]:
+        path = out / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            raise ValueError(f"{path} is listed in {out / MANIFEST} but is missing or has the wrong size: the "
+                             "directory was modified outside nnsae and cannot be resumed.")
+    for file in manifest["stats_state"]["files"].values():
+        if not (out / file).is_file():
+            raise ValueError(f"Statistics state {out / file} listed in {out / MANIFEST} is missing.")
+    return manifest
+
+
+def _run(out: Path, header: dict[str, Any], named: list[tuple[str, SAE]], point_of: list[int], harvester: Harvester,
+         tokenizer: Any, dataset: Any, split: str, text_column: str | None, specials: list[int], edges: torch.Tensor,
+         max_chunks: int | None, progress: bool, hf: nn.Module) -> Path:
+    settings = header["settings"]
+    T, B = settings["context_size"], settings["batch_size_prompts"]
+    manifest = _open_manifest(out, header)
+    _clean(out, manifest)
+    stats = [FeatureStats(sae.cfg.d_sae, edges, settings["n_top_contexts"], settings["context_window"],
+                          settings["threshold"]) for _, sae in named]
+    for (name, _), stat in zip(named, stats):
+        file = manifest["stats_state"]["files"].get(name)
+        if file is not None:
+            stat.load_state_dict(load_file(out / file))
+    if manifest["complete"]:
+        _finalize(out, manifest, named, stats, edges, T)
+        return out
+
+    done = manifest["total_chunks"]
+    docs = iter_documents(dataset, split=split, text_column=text_column)
+    chunks = pack(docs, tokenizer, T, settings["prepend_bos"], skip_chunks=max(done - 1, 0))
+    if done:  # the data must continue where the committed shards end
+        last = next(chunks, None)
+        if last is None or _chunk_digest(last) != manifest["shards"][-1]["last_chunk_sha256"]:
+            raise ValueError(f"The dataset no longer matches the shards in {out}: chunk {done - 1} differs from the "
+                             "one extracted before (was the dataset changed?). Use a new output directory.")
+    else:
+        first = next(chunks, None)
+        if first is None:
+            raise _EmptyDataset(f"Dataset {header['dataset'].get('path') or '(iterable)'} (split {split!r}) gave no "
+                                f"tokens: it is empty or shorter than one chunk of context_size={T} tokens.")
+        chunks = itertools.chain([first], chunks)
+    if not manifest["shards"]:
+        _write_json(manifest, out / MANIFEST)
+
+    special_ids = torch.tensor(specials, dtype=torch.int64)
+    hook_z_heads = [_n_heads(hf) if sae.cfg.reshape_activations == "hook_z" and sae.reshapes_input else None
+                    for _, sae in named]
+    names = [name for name, _ in named]
+    schema = pa.schema(list(BASE_COLUMNS.items())
+                       + [f for n in names for f in ((f"{n}.indices", pa.list_(pa.int32())),
+                                                     (f"{n}.values", pa.list_(pa.float32())))])
+
+    def process(batch: list[Chunk], first_chunk: int) -> pa.RecordBatch:
+        tokens = torch.stack([c.tokens for c in batch])
+        n = tokens.numel()
+        acts = harvester(tokens)
+        flat = tokens.flatten()
+        special = torch.isin(flat, special_ids)
+        counted = ~special if settings["exclude_special_tokens"] else None
+        columns = [
+            pa.array(flat.to(torch.int32).numpy()),
+            pa.array(torch.stack([c.doc_ids for c in batch]).flatten().to(torch.int64).numpy()),
+            pa.array(torch.stack([c.positions for c in batch]).flatten().to(torch.int32).numpy()),
+            pa.array(np.repeat(np.arange(first_chunk, first_chunk + len(batch), dtype=np.int64), T)),
+            pa.array(np.tile(np.arange(T, dtype=np.int32), len(batch))),
+            pa.array(special.numpy()),
+        ]
+        with torch.inference_mode():
+            for (name, sae), stat, p, heads in zip(named, stats, point_of, hook_z_heads):
+                x = acts[p].flatten(0, 1).to(sae.device)
+                if heads is not None:
+                    x = x.unflatten(-1, (heads, -1))
+                rows, feats, vals = sparse_activations(sae, x)
+                stat.update(rows, feats, vals, tokens, counted, first_chunk * T)
+                active = vals.abs() > settings["threshold"]
+                columns += _token_lists(rows[active], feats[active], vals[active], n, settings["top_k"])
+        return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+    from tqdm.auto import tqdm
+
+    total = max_chunks * T if max_chunks is not None else None
+    bar = tqdm(total=total, initial=done * T, unit="tok", unit_scale=True, desc="extract", disable=not progress,
+               dynamic_ncols=True)
+    chunks = _Prefetch(chunks, depth=4 * B)
+    exhausted = False
+    try:
+        while not exhausted and (max_chunks is None or done < max_chunks):
+            target = settings["chunks_per_shard"]
+            if max_chunks is not None:
+                target = min(target, max_chunks - done)
+            record_batches, n_chunks, last = [], 0, None
+            while n_chunks < target:
+                batch = list(itertools.islice(chunks, min(B, target - n_chunks)))
+                if not batch:
+                    exhausted = True
+                    break
+                record_batches.append(process(batch, done + n_chunks))
+                n_chunks += len(batch)
+                last = batch[-1]
+                bar.update(len(batch) * T)
+            if n_chunks:
+                manifest = _commit(out, manifest, pa.Table.from_batches(record_batches, schema=schema), done,
+                                   n_chunks, _chunk_digest(last), named, stats, T)
+                done += n_chunks
+    finally:
+        chunks.close()
+        bar.close()
+    _finalize(out, manifest, named, stats, edges, T)
+    return out
+
+
+class _Prefetch:
+    """Iterate `items` in a background thread, up to `depth` items ahead, so tokenization and data loading overlap
+    the model (order unchanged; errors re-raised in the consumer)."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator[Any], depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._fill, args=(items,), daemon=True, name="nnsae-extract-data")
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # handed to the consumer
+            self._put(_Failure(e))
+
+    def __iter__(self) -> _Prefetch:
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, _Failure):
+            self._done = True
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _chunk_digest(chunk: Chunk) -> str:
+    return hashlib.sha256(chunk.tokens.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def _commit(out: Path, manifest: dict[str, Any], table: pa.Table, first_chunk: int, n_chunks: int, last_digest: str,
+            named: list[tuple[str, SAE]], stats: list[FeatureStats], T: int) -> dict[str, Any]:
+    """Make one shard durable: parquet, then statistics states (new version), then the manifest naming both."""
+    index = len(manifest["shards"])
+    rel = f"{SHARDS}/shard-{index:06d}.parquet"
+    version = index + 1
+    try:
+        _write_parquet(table, out / rel)
+        new_states = {}
+        for (name, _), stat in zip(named, stats):
+            path = _state_path(out, name, version)
+            _write_state(stat.state_dict(), path)
+            new_states[name] = path.relative_to(out).as_posix()
+        _fsync_dir(out / SHARDS)
+        _fsync_dir(out / STATE)
+        shard = {"file": rel, "index": index, "first_chunk": first_chunk, "n_chunks": n_chunks,
+                 "n_tokens": n_chunks * T, "bytes": (out / rel).stat().st_size, "sha256": _sha256(out / rel),
+                 "last_chunk_sha256": last_digest}
+        updated = dict(manifest, shards=manifest["shards"] + [shard],
+                       total_chunks=manifest["total_chunks"] + n_chunks,
+                       total_tokens=manifest["total_tokens"] + n_chunks * T,
+                       stats_state={"shards_done": version, "files": new_states})
+        _write_json(updated, out / MANIFEST)
+    except (OSError, SafetensorError) as e:
+        code = getattr(e, "errno", None) or errno.EIO
+        reason = os.strerror(code)
+        raise OSError(code,
+                      f"Writing shard {index} of the extraction in {out} failed ({reason}: {e}). Nothing of this "
+                      f"shard was committed: {out} still holds {index} complete shard(s) "
+                      f"({manifest['total_tokens']} tokens) and is resumable — fix the cause (e.g. free disk space) "
+                      "and call extract() again with the same arguments.") from e
+    for old in manifest["stats_state"]["files"].values():
+        (out / old).unlink(missing_ok=True)
+    return updated
+
+
+def _finalize(out: Path, manifest: dict[str, Any], named: list[tuple[str, SAE]], stats: list[FeatureStats],
+              edges: torch.Tensor, T: int) -> None:
+    """Write the final statistics files (idempotent) and mark the manifest complete."""
+    records = {}
+    for (name, sae), stat in zip(named, stats):
+        tensors = _derived(stat.state_dict(), edges, T)
+        path = out / STATS / f"{name}.safetensors"
+        _write_state(tensors, path)
+        count = tensors["firing_count"]
+        summary = {
+            "sae": name, "d_sae": sae.cfg.d_sae, "n_tokens": int(tensors["n_tokens"]),
+            "n_tokens_counted": int(tensors["n_tokens_counted"]), "threshold": stat.threshold,
+            "mean_l0": float(count.sum()) / max(int(tensors["n_tokens_counted"]), 1),
+            "dead_features": int((count == 0).sum()), "n_top_contexts": stat.n_top, "context_window": stat.window,
+            "histogram_edges": edges.tolist(),
+            "histogram_columns": "[0]: 0 < value < edges[0]; [i]: edges[i-1] <= value < edges[i]; [-1]: >= edges[-1]",
+            "context_size": T, "tensors": sorted(tensors),
+        }
+        _write_json(summary, out / STATS / f"{name}.json")
+        records[name] = {"file": f"{STATS}/{name}.safetensors", "summary": f"{STATS}/{name}.json",
+                         "sha256": _sha256(path)}
+    if not manifest["complete"] or manifest.get("stats") != records:
+        _write_json(dict(manifest, complete=True, stats=records), out / MANIFEST)
+
+
+# ---- reading results back -----------------------------------------------------------------------------------------
+
+
+def _manifest_or_error(out_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    out = Path(out_dir)
+    manifest = _read_manifest(out)
+    if manifest is None:
+        raise FileNotFoundError(f"{out} holds no {MANIFEST}: not an nnsae feature extraction.")
+    return out, manifest
+
+
+def load_features(out_dir: str | Path, *, format: str = "dataset", columns: Sequence[str] | None = None,
+                  streaming: bool = False, cache_dir: str | None = None) -> Any:
+    """The committed shards of an extraction, in token order: a `datasets.Dataset` (format="dataset"; converted
+    once into the datasets cache and memory-mapped from there, or with `streaming=True` an `IterableDataset` read
+    straight from the shards) or a `pyarrow.Table` (format="table", read into memory). Works on unfinished runs
+    too (the shards committed so far)."""
+    out, manifest = _manifest_or_error(out_dir)
+    files = [str(out / s["file"]) for s in manifest["shards"]]
+    if format == "table":
+        if not files:
+            raise ValueError(f"{out} has no committed shards yet.")
+        return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+    if format != "dataset":
+        raise ValueError(f"format={format!r} must be 'dataset' or 'table'.")
+    if not files:
+        raise ValueError(f"{out} has no committed shards yet.")
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir, streaming=streaming)
+    return ds.select_columns(list(columns)) if columns is not None else ds
+
+
+def load_feature_stats(out_dir: str | Path, sae_name: str) -> dict[str, Any]:
+    """Statistics of one SAE: tensors `firing_count`, `firing_rate`, `activation_sum`, `mean_activation` (over
+    firing tokens), `max_activation`, `log_feature_sparsity` (SAELens' log10 density), `histogram` [d_sae,
+    bins+2] with `histogram_edges`, top contexts `top_values`/`top_index`/`top_chunk_index`/`top_position`
+    [d_sae, n] (-inf/-1 for empty slots) and windows `top_tokens`/`top_acts` [d_sae, n, 2w+1]; plus `n_tokens`,
+    `n_tokens_counted` (ints) and `complete`. On an unfinished run they cover the committed shards."""
+    out, manifest = _manifest_or_error(out_dir)
+    names = [s["name"] for s in manifest["saes"]]
+    if sae_name not in names:
+        raise KeyError(f"No SAE {sae_name!r} in {out}; it has {names}.")
+    settings = manifest["settings"]
+    edges = torch.tensor(settings["histogram_edges"], dtype=torch.float64)
+    final = out / STATS / f"{sae_name}.safetensors"
+    if manifest["complete"] and final.is_file():
+        tensors = load_file(final)
+    else:
+        file = manifest["stats_state"]["files"].get(sae_name)
+        if file is None:
+            raise ValueError(f"{out} has no statistics for {sae_name!r} yet (no shard committed).")
+        tensors = _derived(load_file(out / file), edges, settings["context_size"])
+    result: dict[str, Any] = dict(tensors)
+    result["n_tokens"] = int(tensors["n_tokens"])
+    result["n_tokens_counted"] = int(tensors["n_tokens_counted"])
+    result["complete"] = bool(manifest["complete"])
+    result["context_size"] = settings["context_size"]
+    result["context_window"] = settings["context_window"]
+    return result

@@ -1,0 +1,57 @@
+"""Standard (ReLU) SAE training: `f = ReLU(x̃ W_enc + b_enc)`, loss = MSE + L1.
+
+`l1_loss = mean_batch c · ‖f ⊙ ‖W_dec_i‖‖_p` (p = lp_norm, 1 by default), c warmed up over `l1_warm_up_steps`.
+Once the latents are sparse (`DensityAdaptive`), the step runs on the active entries only (p = 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nnsae.train import sparse
+from nnsae.train.base import DensityAdaptive, StepContext, StepOutput, fired_dense, mse
+
+
+class StandardTrainingSAE(DensityAdaptive):
+    architecture = "standard"
+    holder_architecture = "standard"
+    coefficients = {"l1": ("l1_coefficient", "l1_warm_up_steps")}
+
+    def use_sparse(self, ctx: StepContext) -> bool:
+        return DensityAdaptive.use_sparse(self, ctx) and self.cfg.lp_norm == 1
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
+        if self.use_sparse(ctx):
+            return self._sparse_forward(x, ctx)
+        sae = self.sae
+        with self.autocast():
+            x, x_in = self.sae_in(x)
+            f = torch.relu(x_in @ sae.W_enc + sae.b_enc)
+            x_hat = f @ sae.W_dec + sae.b_dec
+            mse_loss = mse(x_hat, x)
+            sparsity = (f * sae.W_dec.norm(dim=1)).norm(p=self.cfg.lp_norm, dim=-1)
+            l1_loss = (ctx.coefficients["l1"] * sparsity).mean()
+        fired, l0 = fired_dense(f)
+        self.record_density(float(fired.sum()) / f.numel())  # the active entries are all a sparse step needs
+        losses = {"mse_loss": mse_loss, "l1_loss": l1_loss}
+        return StepOutput(mse_loss + l1_loss, losses, x, x_hat, fired, l0)
+
+    def _sparse_forward(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
+        sae = self.sae
+        x = x.to(self.dtype)
+        b_dec = sae.b_dec if self.cfg.apply_b_dec_to_input else None
+        with torch.no_grad():
+            x_in = x - b_dec if b_dec is not None else x
+            z = self.selection_matmul(x_in, sae.W_enc, sae.b_enc)
+            pattern = self.pattern_of(z > 0)
+            values = self.dots_at(x_in, sae.W_enc, sae.b_enc, z, pattern)
+        f_p = torch.relu(sparse.preacts(x, b_dec, sae.W_enc, sae.b_enc, values, pattern))
+        x_hat = sparse.decode(sae.W_dec, f_p, pattern) + sae.b_dec
+        mse_loss = mse(x_hat, x)
+        l1_loss = ctx.coefficients["l1"] * (f_p * sae.W_dec.norm(dim=1)[pattern.cols]).abs().sum() / x.shape[0]
+        with torch.no_grad():
+            active = f_p.detach() != 0
+            fired = torch.bincount(pattern.cols[active], minlength=self.cfg.d_sae).to(torch.float32)
+            l0 = active.sum().to(torch.float32) / x.shape[0]
+        losses = {"mse_loss": mse_loss, "l1_loss": l1_loss}
+        return StepOutput(mse_loss + l1_loss, losses, x, x_hat, fired, l0)

@@ -1,0 +1,177 @@
+"""TopK and AbsTopK SAE training (Gao et al. 2024), SAELens 6 semantics, with a sparse forward/backward.
+
+`z = x̃ W_enc + b_enc`; with `rescale_acts_by_decoder_norm` (default) the hidden pre-activation is `h = z ⊙ n`,
+`n_i = ‖W_dec_i‖` (differentiable), else `h = z`. TopK keeps the k largest `h` per token and ReLUs them; AbsTopK
+keeps the k largest `|h|` with their signs. `x̂ = (f ⊙ 1/n) W_dec + b_dec` (`f W_dec + b_dec` without rescaling).
+Loss = MSE + AuxK when some latents are dead (not fired for `dead_feature_window` steps):
+`k_aux = d_in // 2`, `scale = min(n_dead / k_aux, 1)`, the top `min(k_aux, n_dead)` dead `h` (by `|h|` for
+AbsTopK; not ReLU'd) decoded without b_dec, `auxiliary_reconstruction_loss = aux_coef · scale ·
+mean_batch ‖e_aux − (x − x̂).detach()‖²`.
+
+With `sparse_kernels` (default) only the selection matmul is dense; all gradients go through the selected
+entries (`nnsae.train.sparse`). With `autocast`, that selection matmul runs in bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nnsae.saes import SAE
+from nnsae.train import sparse
+from nnsae.train.base import StepContext, StepOutput, TrainingSAE, mse
+from nnsae.train.sparse import Pattern
+
+
+class TopKTrainingSAE(TrainingSAE):
+    architecture = "topk"
+    holder_architecture = "topk"
+
+    def initialize(self) -> None:
+        TrainingSAE.initialize(self)
+        if self.cfg.sparse_kernels:
+            # W_enc keeps its [d_in, d_sae] shape but is stored latent-major, the layout its sparse gradient has.
+            self.sae.W_enc = nn.Parameter(self.sae.W_enc.detach().t().contiguous().t())
+
+    # ---- selection (no grad) ------------------------------------------------------------------------------------
+
+    @property
+    def rescale(self) -> bool:
+        return self.cfg.rescale_acts_by_decoder_norm
+
+    def selection_preacts(self, x: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+        """h = (x̃ W_enc + b_enc) ⊙ n as one (possibly bf16) matmul, without grad."""
+        sae = self.sae
+        with torch.no_grad():
+            x_in = x - sae.b_dec if self.cfg.apply_b_dec_to_input else x
+            W, b = sae.W_enc, sae.b_enc
+            if norms is not None:
+                W, b = W * norms, b * norms
+            return sparse.biased_matmul(x_in, W, b, torch.bfloat16 if self.cfg.autocast else None)
+
+    def select(self, h: torch.Tensor, ctx: StepContext) -> Pattern:
+        key = h.abs() if self.architecture == "abstopk" else h
+        return Pattern.from_topk(sparse.row_topk(key, int(self.cfg.k)), h.shape[1])
+
+    def activation(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden if self.architecture == "abstopk" else torch.relu(hidden)
+
+    def select_aux(self, h: torch.Tensor, dead: torch.Tensor, lo: int = 0, hi: int | None = None
+                   ) -> tuple[Pattern, torch.Tensor, float] | None:
+        """(pattern, h values, loss scale) of the top dead latents among columns lo:hi per token, or None."""
+        dead_idx = dead[lo:hi].nonzero().squeeze(1) + lo
+        n_dead = dead_idx.numel()
+        if n_dead == 0:
+            return None
+        k_aux = self.d_in // 2
+        scale = min(n_dead / k_aux, 1.0)
+        h_dead = h.index_select(1, dead_idx)
+        key = h_dead.abs() if self.architecture == "abstopk" else h_dead
+        pos = sparse.row_topk(key, min(k_aux, n_dead))
+        return Pattern.from_topk(dead_idx[pos], h.shape[1]), h_dead.gather(1, pos).reshape(-1), scale
+
+    def aux_groups(self, h: torch.Tensor, dead: torch.Tensor) -> list[tuple[Pattern, torch.Tensor, float, int | None]]:
+        """AuxK selections as (pattern, h values, scale, level): level None fits the residual of x̂."""
+        group = self.select_aux(h, dead)
+        return [] if group is None else [(*group, None)]
+
+    # ---- differentiable values at a pattern ---------------------------------------------------------------------
+
+    def hidden_at(self, x: torch.Tensor, values: torch.Tensor, pattern: Pattern, norms: torch.Tensor | None
+                  ) -> torch.Tensor:
+        """h at the pattern's entries, (nnz,), differentiable w.r.t. the parameters (sparse backward).
+
+        `values` are the (detached) forward values of h there, as computed for the selection."""
+        sae = self.sae
+        if not self.cfg.sparse_kernels:
+            return self._dense_hidden(x, norms)[pattern.rows, pattern.cols]
+        b_dec = sae.b_dec if self.cfg.apply_b_dec_to_input else None
+        with torch.no_grad():
+            if self.cfg.autocast:
+                # The selection ran in bf16; recompute the selected pre-activations exactly (O(nnz·d_in)).
+                x_in = x - b_dec if b_dec is not None else x
+                values = sparse.row_dots(x_in, sae.W_enc.t(), pattern) + sae.b_enc[pattern.cols]
+            else:
+                values = values.to(self.dtype)
+                if norms is not None:
+                    values = values / norms[pattern.cols]
+        pre = sparse.preacts(x, b_dec, sae.W_enc, sae.b_enc, values, pattern)
+        return pre * norms[pattern.cols] if norms is not None else pre
+
+    def _dense_hidden(self, x: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+        # Plain dense autograd (sparse_kernels=False), as SAELens computes it; cached for the step.
+        if getattr(self, "_dense_cache", None) is None:
+            sae = self.sae
+            with self.autocast():
+                x_in = x - sae.b_dec if self.cfg.apply_b_dec_to_input else x
+                z = x_in @ sae.W_enc + sae.b_enc
+                self._dense_cache = z * norms if norms is not None else z
+        return self._dense_cache
+
+    def decode_at(self, coef: torch.Tensor, pattern: Pattern, norms: torch.Tensor | None) -> torch.Tensor:
+        """Σ_e coef_e / n_col · W_dec[col] per token (no bias)."""
+        W_dec = self.sae.W_dec
+        if norms is not None:
+            coef = coef * (1 / norms)[pattern.cols]
+        if self.cfg.sparse_kernels:
+            return sparse.decode(W_dec, coef, pattern)
+        with self.autocast():
+            return sparse.to_dense(coef, pattern) @ W_dec
+
+    def reconstruct(self, acts: torch.Tensor, pattern: Pattern, norms: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+        """(x̂, [(width, partial reconstruction)] for nested architectures)."""
+        return self.decode_at(acts, pattern, norms) + self.sae.b_dec, []
+
+    # ---- the step -----------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
+        self._dense_cache = None
+        try:
+            return self._forward(x, ctx)
+        finally:
+            self._dense_cache = None
+
+    def _forward(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
+        sae = self.sae
+        x = x.to(self.dtype)
+        norms = sae.W_dec.norm(dim=-1) if self.rescale else None
+        if self.cfg.sparse_kernels:
+            h = self.selection_preacts(x, None if norms is None else norms.detach())
+        else:
+            h = self._dense_hidden(x, norms).detach()
+        dead = ctx.dead_mask
+        groups = self.aux_groups(h, dead) if dead is not None and bool(dead.any()) else []
+        pattern = self.select(h, ctx)  # may ReLU h in place
+        acts = self.activation(self.hidden_at(x, h[pattern.rows, pattern.cols], pattern, norms))
+        x_hat, partials = self.reconstruct(acts, pattern, norms)
+        losses = {"mse_loss": mse(x_hat, x)}
+        for width, partial in partials[:-1]:
+            losses[f"inner_mse_loss_{width}"] = mse(partial, x)
+        aux = x_hat.new_zeros(())
+        for aux_pattern, values, scale, level in groups:
+            residual = x - (x_hat if level is None else partials[level][1])
+            recons = self.decode_at(self.hidden_at(x, values, aux_pattern, norms), aux_pattern, norms)
+            aux = aux + scale * mse(recons, residual.detach())
+        losses["auxiliary_reconstruction_loss"] = self.cfg.aux_loss_coefficient * aux
+        metrics = self.after_forward(acts, ctx)
+        with torch.no_grad():
+            active = acts.detach() != 0
+            fired = torch.bincount(pattern.cols[active], minlength=self.cfg.d_sae).to(torch.float32)
+            l0 = active.sum().to(torch.float32) / x.shape[0]
+        return StepOutput(sum(losses.values()), losses, x, x_hat, fired, l0, metrics)
+
+    def after_forward(self, acts: torch.Tensor, ctx: StepContext) -> dict[str, float]:
+        return {}
+
+    # ---- export -------------------------------------------------------------------------------------------------
+
+    def export_rules(self, sae: SAE, scaling_factor: float | None) -> SAE:
+        if self.rescale:
+            sae.fold_W_dec_norm()  # SAELens saves TopK with the norms folded (rescale flag kept, now a no-op)
+        return sae
+
+
+class AbsTopKTrainingSAE(TopKTrainingSAE):
+    architecture = "abstopk"
+    holder_architecture = "abstopk"
