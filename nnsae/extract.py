@@ -129,7 +129,7 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes()
 
 
-def _sae_fingerprint(sae: SAE) -> str:
+def sae_fingerprint(sae: SAE) -> str:
     h = hashlib.sha256()
     for name, t in sorted(sae.state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
@@ -669,7 +669,7 @@ def extract(model: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE], dataset: 
         "settings": settings,
         "columns": list(BASE_COLUMNS) + [f"{name}.{part}" for name, _ in named for part in ("indices", "values")],
         "saes": [{"name": name, "hook": _hook_label(points[i]), "architecture": sae.cfg.architecture,
-                  "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "fingerprint": _sae_fingerprint(sae),
+                  "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "fingerprint": sae_fingerprint(sae),
                   "cfg": sae.cfg.to_dict()} for i, (name, sae) in enumerate(named)],
     }
 

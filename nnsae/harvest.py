@@ -5,7 +5,9 @@ stopped right after the deepest one; and the shuffling store that training reads
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import nnsight
@@ -15,6 +17,7 @@ from nnsight.intervention.envoy import Envoy
 from nnsae.config import parse_dtype
 from nnsae.data import OFFLINE, Chunk, batched, iter_documents, pack, special_token_ids
 from nnsae.hooks import HookPoint, get_module, resolve_hook
+from nnsae.io.files import read_json, read_safetensors, write_json, write_safetensors
 
 
 def is_tl_hook_name(name: str) -> bool:
@@ -119,6 +122,7 @@ class Harvester:
 @dataclass
 class StoreState:
     chunks_consumed: int = 0
+    harvest_batches: int = 0
     next_batch: int = 0
     batches_in_round: int = 0
     exhausted: bool = False
@@ -132,7 +136,8 @@ class ActivationStore:
     `n_batches_in_buffer` training batches is shuffled, half of it served and half kept to mix with the next
     harvest (SAELens' scheme, in bounded memory). Special tokens (BOS/EOS/PAD) are left out when
     `exclude_special_tokens`. The position in the data, the buffer and the RNG form `state_dict()`, so a resumed
-    run sees exactly the batches an uninterrupted one would.
+    run sees exactly the batches an uninterrupted one would. With `cache_dir`, every harvest batch is also written
+    to disk (`ActivationCache`) and read back by later stores with the same settings instead of running the model.
     """
 
     def __init__(self, model: Any, hooks: Sequence[str], dataset: str | Sequence[str] = OFFLINE, *,
@@ -140,7 +145,7 @@ class ActivationStore:
                  store_batch_size_prompts: int = 8, n_batches_in_buffer: int = 16, prepend_bos: bool = True,
                  exclude_special_tokens: bool = True, dtype: str | torch.dtype = "float32",
                  device: str | torch.device | None = None, seed: int = 42, text_column: str | None = None,
-                 split: str = "train", model_name: str | None = None):
+                 split: str = "train", model_name: str | None = None, cache_dir: str | Path | None = None):
         if not hooks:
             raise ValueError("ActivationStore needs at least one hook.")
         self.hooks = list(hooks)
@@ -169,6 +174,7 @@ class ActivationStore:
         self.generator = torch.Generator().manual_seed(seed)
         self.buffer: list[torch.Tensor] | None = None
         self._chunks: Iterator[Chunk] | None = None
+        self.cache = ActivationCache(Path(cache_dir), self._cache_settings()) if cache_dir is not None else None
 
     # ---- what training needs to know --------------------------------------------------------------------------
 
@@ -215,16 +221,46 @@ class ActivationStore:
         keep = ~torch.isin(tokens, self.excluded_ids).flatten()
         return [a.flatten(0, 1)[keep.to(a.device)].to(self.device, self.dtype) for a in self.harvester(tokens)]
 
+    def _cache_settings(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, "hooks": self.hooks,
+                "hook_points": [f"{p.module}.{p.io}" for p in self.harvester.points],
+                "dataset": self.dataset if isinstance(self.dataset, str) else None, "split": self.split,
+                "text_column": self.text_column, "context_size": self.context_size, "prepend_bos": self.prepend_bos,
+                "exclude_special_tokens": self.exclude_special_tokens, "dtype": str(self.dtype),
+                "store_batch_size_prompts": self.store_batch_size_prompts}
+
+    def _next_activations(self) -> list[torch.Tensor] | None:
+        """The next harvest batch: read from the disk cache when it holds it, else from the model (and cached)."""
+        index = self.state.harvest_batches
+        if self.cache is not None:
+            cached = self.cache.read(index, self.rank)
+            if cached is not None:
+                n_chunks, acts = cached
+                self.state.chunks_consumed += n_chunks
+                self.state.harvest_batches += 1
+                self._chunks = None  # the chunk stream is re-opened past the cached part if it is ever needed
+                return [a.to(self.device, self.dtype) for a in acts]
+        chunks = self._next_chunks()
+        if not chunks:
+            if self.cache is not None:
+                self.cache.finish(self.rank)
+            return None
+        acts = self.harvest(chunks)
+        self.state.harvest_batches += 1
+        if self.cache is not None:
+            self.cache.write(index, self.rank, len(chunks), acts)
+        return acts
+
     def _refill(self) -> None:
         served = self.state.batches_in_round * self.batch_size_tokens
         parts = [[b[served:]] for b in self.buffer] if self.buffer is not None else [[] for _ in self.hooks]
         n = parts[0][0].shape[0] if parts[0] else 0
         while n < self.buffer_tokens:
-            chunks = self._next_chunks()
-            if not chunks:
+            batch = self._next_activations()
+            if batch is None:
                 self.state.exhausted = True
                 break
-            for part, acts in zip(parts, self.harvest(chunks)):
+            for part, acts in zip(parts, batch):
                 part.append(acts)
             n += parts[0][-1].shape[0]
         perm = torch.randperm(n, generator=self.generator).to(self.device)
@@ -265,3 +301,44 @@ class ActivationStore:
         buffer = state.get("buffer")
         self.buffer = [buffer[h].to(self.device, self.dtype) for h in self.hooks] if buffer is not None else None
         self._chunks = None  # re-opened lazily at state.chunks_consumed
+
+
+class ActivationCache:
+    """Harvested activations on disk, so several training runs reuse one model pass: one safetensors shard per
+    harvest batch (`{rank}-{index}.safetensors`, tensors named by hook position) and a `manifest.json` with the
+    settings that produced them. Shards are written atomically and the manifest after them, so a killed harvest
+    resumes at its last complete shard; a cache made with other settings is refused."""
+
+    def __init__(self, root: Path, settings: dict[str, Any]):
+        self.root = root
+        self.manifest_path = root / "manifest.json"
+        if self.manifest_path.exists():
+            self.manifest = read_json(self.manifest_path)
+            if self.manifest["settings"] != json.loads(json.dumps(settings)):
+                diff = [k for k in settings if self.manifest["settings"].get(k) != json.loads(json.dumps(settings[k]))]
+                raise ValueError(f"Activation cache {root} was made with other settings ({', '.join(diff)} differ); "
+                                 "use another cache_dir or delete it.")
+        else:
+            self.manifest = {"format": "nnsae-activation-cache", "version": 1, "settings": settings, "shards": {},
+                             "complete_ranks": []}
+
+    def _name(self, index: int, rank: int) -> str:
+        return f"{rank}-{index:06d}.safetensors"
+
+    def read(self, index: int, rank: int) -> tuple[int, list[torch.Tensor]] | None:
+        entry = self.manifest["shards"].get(self._name(index, rank))
+        if entry is None:
+            return None
+        tensors = read_safetensors(self.root / self._name(index, rank))
+        return entry["chunks"], [tensors[str(i)] for i in range(len(tensors))]
+
+    def write(self, index: int, rank: int, n_chunks: int, acts: list[torch.Tensor]) -> None:
+        name = self._name(index, rank)
+        write_safetensors(self.root / name, {str(i): a.cpu() for i, a in enumerate(acts)})
+        self.manifest["shards"][name] = {"chunks": n_chunks, "tokens": int(acts[0].shape[0])}
+        write_json(self.manifest_path, self.manifest)
+
+    def finish(self, rank: int) -> None:
+        if rank not in self.manifest["complete_ranks"]:
+            self.manifest["complete_ranks"].append(rank)
+            write_json(self.manifest_path, self.manifest)

@@ -155,3 +155,25 @@ def test_store_metadata_and_errors(tok):
         ActivationStore(tiny_model("gpt2"), ["transformer.h.9"], TEXTS, tokenizer=tok)
     with pytest.raises(ValueError, match="context_size=4096"):
         make_store(tok, context_size=4096)
+
+
+def test_activation_cache_is_reused_resumed_and_checked(tok, tmp_path):
+    model = tiny_model("gpt2")
+    reference = [b["transformer.h.0"] for b in make_store(tok, model)]
+    # A first run stops part-way (like a killed job): the cache holds its complete shards only.
+    partial = make_store(tok, model, cache_dir=tmp_path / "cache")
+    it = iter(partial)
+    for _ in range(3):
+        next(it)
+    n_cached = len(list((tmp_path / "cache").glob("*.safetensors")))
+    assert 0 < n_cached
+    # The next run continues the cache and serves exactly the uncached batches.
+    full = [b["transformer.h.0"] for b in make_store(tok, model, cache_dir=tmp_path / "cache")]
+    assert len(full) == len(reference) and all(torch.equal(a, b) for a, b in zip(full, reference))
+    # A complete cache needs no model forward at all.
+    store = make_store(tok, model, cache_dir=tmp_path / "cache")
+    store.harvester._trace = lambda tokens: (_ for _ in ()).throw(AssertionError("model was run"))
+    again = [b["transformer.h.0"] for b in store]
+    assert all(torch.equal(a, b) for a, b in zip(again, reference))
+    with pytest.raises(ValueError, match="other settings.*context_size"):
+        make_store(tok, model, cache_dir=tmp_path / "cache", context_size=8)

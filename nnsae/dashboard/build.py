@@ -146,23 +146,20 @@ def _named(sae_or_saes: SAE | Sequence[SAE] | Mapping[str, SAE] | None) -> list[
 def _match_extraction(named: list[tuple[str | None, SAE]], manifest: dict[str, Any], where: Path
                       ) -> list[tuple[str, SAE | None]]:
     """Pair the given SAEs with the SAEs of an existing extraction (by name, else by weights fingerprint)."""
-    from nnsae import extract as extract_module
+    from nnsae.extract import sae_fingerprint, sae_names
 
     entries = manifest["saes"]
     names = [e["name"] for e in entries]
     if not named:
         return [(n, None) for n in names]
-    fingerprint = getattr(extract_module, "_sae_fingerprint", None)
-    default_names = extract_module.sae_names([s for _, s in named])
+    default_names = sae_names([s for _, s in named])
     out = []
     for (given, sae), default in zip(named, default_names):
         if given is not None and given in names:
             out.append((given, sae))
             continue
-        match = None
-        if fingerprint is not None:
-            fp = fingerprint(sae)
-            match = next((e["name"] for e in entries if e.get("fingerprint") == fp), None)
+        fp = sae_fingerprint(sae)
+        match = next((e["name"] for e in entries if e.get("fingerprint") == fp), None)
         if match is None and given is None and default in names:
             match = default
         if match is None:

@@ -35,19 +35,30 @@ class BatchTopKTrainingSAE(TopKTrainingSAE):
         TopKTrainingSAE.__init__(self, cfg, d_in)
         self.register_buffer("topk_threshold", torch.tensor(0.0, dtype=torch.float64, device=cfg.device))
 
-    def select(self, h: torch.Tensor, ctx: StepContext) -> Pattern:
+    def select(self, x, h, norms, ctx):
         n_rows, n_cols = h.shape
         world = ctx.comm.world_size if ctx.comm is not None else 1
         flat = h.reshape(-1)
         m = int(self.cfg.k * n_rows * world)  # ReLU(h)'s top m over the (global) batch: only positives matter
-        idx = top_positive_flat(flat, m)
-        if ctx.comm is not None:  # the m-th largest over all ranks: each rank's local top m are the candidates
+        raw = None
+        if self.refine:  # bf16 proposes 2m candidates, exact float values decide
+            candidates = top_positive_flat(flat, min(2 * m, flat.numel()))
+            raw_c = self.raw_values(x, h, Pattern.from_flat(candidates, n_rows, n_cols), norms)
+            exact = raw_c * norms[candidates % n_cols] if norms is not None else raw_c
+            keep = top_positive_flat(exact, m)
+            idx, raw, values = candidates[keep], raw_c[keep], exact[keep]
+        else:
+            idx = top_positive_flat(flat, m)
             values = flat[idx]
+        if ctx.comm is not None:  # the m-th largest over all ranks: each rank's local top m are the candidates
             everything = ctx.comm.all_gather_cat(values)
             if everything.numel() > m:
                 tau = torch.topk(everything, m, sorted=False).values.min()
-                idx = idx[values >= tau]
-        return Pattern.from_flat(idx, n_rows, n_cols)
+                keep = values >= tau
+                idx = idx[keep]
+                raw = raw[keep] if raw is not None else None
+        pattern = Pattern.from_flat(idx, n_rows, n_cols)
+        return pattern, raw if raw is not None else self.raw_values(x, h, pattern, norms)
 
     def after_forward(self, acts: torch.Tensor, ctx: StepContext) -> dict[str, float]:
         with torch.no_grad():
@@ -106,12 +117,12 @@ class MatryoshkaBatchTopKTrainingSAE(BatchTopKTrainingSAE):
             partials.append((hi, decoded))
         return decoded, partials
 
-    def aux_groups(self, h, dead):
+    def aux_groups(self, x, h, norms, dead):
         if not self.cfg.use_matryoshka_aux_loss:
-            return BatchTopKTrainingSAE.aux_groups(self, h, dead)
+            return BatchTopKTrainingSAE.aux_groups(self, x, h, norms, dead)
         groups = []
         for level, (lo, hi) in enumerate(self.levels()):
-            group = self.select_aux(h, dead, lo, hi)
+            group = self.select_aux(x, h, norms, dead, lo, hi)
             if group is not None:
                 groups.append((*group, level))
         return groups
