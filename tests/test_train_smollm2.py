@@ -19,9 +19,9 @@ ARCHS = {
     "topk": dict(k=32),
     "batchtopk": dict(k=32),
     "matryoshka_batchtopk": dict(k=32, matryoshka_widths=[256]),
-    "standard": dict(l1_coefficient=2e-3, lr=1e-3),
-    "gated": dict(l1_coefficient=2e-3, lr=1e-3),
-    "jumprelu": dict(l0_coefficient=1e-2, lr=1e-3),
+    "standard": dict(l1_coefficient=2e-3, lr=4e-3),
+    "gated": dict(l1_coefficient=2e-3, lr=4e-3),
+    "jumprelu": dict(l0_coefficient=1e-2, lr=4e-3),
 }
 TOKENS = 12 * 2048
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from nnsae.train import sparse
+from nnsae.train.sparse import at
 from nnsae.train.base import DensityAdaptive, StepContext, StepOutput, fired_dense, mse
 
 
@@ -50,12 +51,12 @@ class GatedTrainingSAE(DensityAdaptive):
             values = self.dots_at(x_in, sae.W_enc, sae.b_gate, pi, pattern)
         cols = pattern.cols
         gate_p = sparse.preacts(x, b_dec, sae.W_enc, sae.b_gate, values, pattern)
-        magnitude = torch.relu(sae.r_mag.exp()[cols] * (gate_p - sae.b_gate[cols]) + sae.b_mag[cols])
+        magnitude = torch.relu(at(sae.r_mag.exp(), cols) * (gate_p - at(sae.b_gate, cols)) + at(sae.b_mag, cols))
         f_p = (gate_p.detach() > 0).to(magnitude.dtype) * magnitude
         x_hat = sparse.decode(sae.W_dec, f_p, pattern) + sae.b_dec
         mse_loss = mse(x_hat, x)
         gate_acts = torch.relu(gate_p)
-        l1_loss = ctx.coefficients["l1"] * (gate_acts * sae.W_dec.norm(dim=1)[cols]).sum() / x.shape[0]
+        l1_loss = ctx.coefficients["l1"] * (gate_acts * at(sae.W_dec.norm(dim=1), cols)).sum() / x.shape[0]
         aux_loss = mse(sparse.decode(sae.W_dec, gate_acts, pattern) + sae.b_dec, x)
         with torch.no_grad():
             active = f_p.detach() != 0

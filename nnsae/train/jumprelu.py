@@ -136,14 +136,14 @@ class JumpReLUTrainingSAE(DensityAdaptive):
             pattern = self.pattern_of(z > sae.threshold.detach().to(z.dtype) - cfg.jumprelu_bandwidth / 2)
             values = self.dots_at(x_in, sae.W_enc, sae.b_enc, z, pattern)
         z_p = sparse.preacts(x, b_dec, sae.W_enc, sae.b_enc, values, pattern)
-        theta_p = sae.threshold.to(z_p.dtype)[pattern.cols]
+        theta_p = sparse.at(sae.threshold.to(z_p.dtype), pattern.cols)
         f_p = jumprelu(z_p, theta_p, cfg.jumprelu_bandwidth, cfg.jumprelu_ste_to_input)
         x_hat = sparse.decode(sae.W_dec, f_p, pattern) + sae.b_dec
         losses = {"mse_loss": mse(x_hat, x)}
         c = ctx.coefficients["l0"]
         if cfg.jumprelu_sparsity_loss_mode == "tanh":
             W_dec_norm = sae.W_dec.norm(dim=1)
-            terms = torch.tanh(cfg.jumprelu_tanh_scale * f_p * W_dec_norm[pattern.cols])
+            terms = torch.tanh(cfg.jumprelu_tanh_scale * f_p * sparse.at(W_dec_norm, pattern.cols))
         else:
             terms = step(z_p, theta_p, cfg.jumprelu_bandwidth, cfg.jumprelu_ste_to_input)
         per_item = x.new_zeros(n_rows).index_add(0, pattern.rows, terms)

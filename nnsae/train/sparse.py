@@ -236,7 +236,13 @@ def top_positive_flat(flat: torch.Tensor, m: int) -> torch.Tensor:
     return candidates[keep]
 
 
+def at(vector: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`vector[index]` whose backward is a deterministic `index_add_` (advanced indexing's backward accumulates
+    with atomics on multi-threaded CPU, so its float sums change from run to run)."""
+    return torch.index_select(vector, 0, index)
+
+
 def to_dense(values: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """The (n_rows, n_cols) dense matrix of a pattern's values (differentiable)."""
-    out = values.new_zeros(pattern.n_rows, pattern.n_cols)
-    return out.index_put((pattern.rows, pattern.cols), values)
+    flat = values.new_zeros(pattern.n_rows * pattern.n_cols)
+    return flat.index_add(0, pattern.rows * pattern.n_cols + pattern.cols, values).view(pattern.n_rows, pattern.n_cols)

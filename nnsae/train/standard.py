@@ -48,7 +48,7 @@ class StandardTrainingSAE(DensityAdaptive):
         f_p = torch.relu(sparse.preacts(x, b_dec, sae.W_enc, sae.b_enc, values, pattern))
         x_hat = sparse.decode(sae.W_dec, f_p, pattern) + sae.b_dec
         mse_loss = mse(x_hat, x)
-        l1_loss = ctx.coefficients["l1"] * (f_p * sae.W_dec.norm(dim=1)[pattern.cols]).abs().sum() / x.shape[0]
+        l1_loss = ctx.coefficients["l1"] * (f_p * sparse.at(sae.W_dec.norm(dim=1), pattern.cols)).abs().sum() / x.shape[0]
         with torch.no_grad():
             active = f_p.detach() != 0
             fired = torch.bincount(pattern.cols[active], minlength=self.cfg.d_sae).to(torch.float32)

@@ -118,10 +118,10 @@ class TopKTrainingSAE(TrainingSAE):
         `raw` holds the (detached) forward values of x̃ W_enc + b_enc there (`raw_values`)."""
         sae = self.sae
         if not self.cfg.sparse_kernels:
-            return self._dense_hidden(x, norms)[pattern.rows, pattern.cols]
+            return sparse.at(self._dense_hidden(x, norms).reshape(-1), pattern.rows * pattern.n_cols + pattern.cols)
         b_dec = sae.b_dec if self.cfg.apply_b_dec_to_input else None
         pre = sparse.preacts(x, b_dec, sae.W_enc, sae.b_enc, raw, pattern)
-        return pre * norms[pattern.cols] if norms is not None else pre
+        return pre * sparse.at(norms, pattern.cols) if norms is not None else pre
 
     def _dense_hidden(self, x: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
         # Plain dense autograd (sparse_kernels=False), as SAELens computes it; cached for the step.
@@ -137,7 +137,7 @@ class TopKTrainingSAE(TrainingSAE):
         """Σ_e coef_e / n_col · W_dec[col] per token (no bias)."""
         W_dec = self.sae.W_dec
         if norms is not None:
-            coef = coef * (1 / norms)[pattern.cols]
+            coef = coef * sparse.at(1 / norms, pattern.cols)
         if self.cfg.sparse_kernels:
             return sparse.decode(W_dec, coef, pattern)
         with self.autocast():
