@@ -158,6 +158,16 @@ class DensityAdaptive(TrainingSAE):
         with torch.no_grad():
             return biased_matmul(x_in, W, b, torch.bfloat16 if self.cfg.autocast else None)
 
+    def above(self, z: torch.Tensor, threshold: torch.Tensor | float, x_in: torch.Tensor, W: torch.Tensor,
+              b: torch.Tensor) -> torch.Tensor:
+        """The entries whose exact pre-activation may exceed `threshold`. For a bf16 selection matmul this widens
+        the test by the rounding bound |Δz| ≤ 2⁻⁷(‖x‖‖w‖ + |b|) (8-bit inputs and output, float accumulation), so no
+        needed entry is missed; the exact values computed afterwards decide."""
+        if z.dtype != torch.bfloat16:
+            return z > threshold
+        margin = torch.outer(x_in.norm(dim=1), W.norm(dim=0)).add_(b.abs()).mul_(2 ** -7)
+        return margin.add_(z) > threshold
+
     def pattern_of(self, needed: torch.Tensor) -> Any:
         from nnsae.train.sparse import Pattern
 

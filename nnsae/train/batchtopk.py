@@ -7,7 +7,8 @@ Export (SAELens `save_inference_model`): a **jumprelu** SAE with the decoder nor
 W_dec/n` when rescaling) and `threshold = θ` for every latent — its activations are exactly
 `ReLU(h)·1[h > θ]`, the threshold inference of the trained model (`encode_with_threshold`).
 
-Matryoshka: nested prefixes `matryoshka_widths` (d_sae last). `x̂_w = b_dec + Σ_{levels ≤ w} (f/n)[:, level] W_dec[level]`
+Matryoshka: nested prefixes `matryoshka_widths` (d_sae last).
+`x̂_w = b_dec + Σ_{levels ≤ w} (f/n)[:, level] W_dec[level]`
 and `inner_mse_loss_{w} = mean_batch ‖x̂_w − x‖²` for every width but the last (whose reconstruction is x̂).
 With `use_matryoshka_aux_loss`, AuxK is computed per level, dead latents of each level fitting the residual of
 that level's partial reconstruction, the level losses summed.

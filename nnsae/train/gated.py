@@ -47,7 +47,7 @@ class GatedTrainingSAE(DensityAdaptive):
         with torch.no_grad():
             x_in = x - b_dec if b_dec is not None else x
             pi = self.selection_matmul(x_in, sae.W_enc, sae.b_gate)
-            pattern = self.pattern_of(pi > 0)
+            pattern = self.pattern_of(self.above(pi, 0.0, x_in, sae.W_enc, sae.b_gate))
             values = self.dots_at(x_in, sae.W_enc, sae.b_gate, pi, pattern)
         cols = pattern.cols
         gate_p = sparse.preacts(x, b_dec, sae.W_enc, sae.b_gate, values, pattern)

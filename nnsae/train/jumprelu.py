@@ -133,7 +133,8 @@ class JumpReLUTrainingSAE(DensityAdaptive):
             x_in = x - b_dec if b_dec is not None else x
             z = self.selection_matmul(x_in, sae.W_enc, sae.b_enc)
             # active or inside the STE window: the only entries with a gradient
-            pattern = self.pattern_of(z > sae.threshold.detach().to(z.dtype) - cfg.jumprelu_bandwidth / 2)
+            window_start = sae.threshold.detach() - cfg.jumprelu_bandwidth / 2
+            pattern = self.pattern_of(self.above(z, window_start, x_in, sae.W_enc, sae.b_enc))
             values = self.dots_at(x_in, sae.W_enc, sae.b_enc, z, pattern)
         z_p = sparse.preacts(x, b_dec, sae.W_enc, sae.b_enc, values, pattern)
         theta_p = sparse.at(sae.threshold.to(z_p.dtype), pattern.cols)

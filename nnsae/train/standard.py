@@ -43,12 +43,13 @@ class StandardTrainingSAE(DensityAdaptive):
         with torch.no_grad():
             x_in = x - b_dec if b_dec is not None else x
             z = self.selection_matmul(x_in, sae.W_enc, sae.b_enc)
-            pattern = self.pattern_of(z > 0)
+            pattern = self.pattern_of(self.above(z, 0.0, x_in, sae.W_enc, sae.b_enc))
             values = self.dots_at(x_in, sae.W_enc, sae.b_enc, z, pattern)
         f_p = torch.relu(sparse.preacts(x, b_dec, sae.W_enc, sae.b_enc, values, pattern))
         x_hat = sparse.decode(sae.W_dec, f_p, pattern) + sae.b_dec
         mse_loss = mse(x_hat, x)
-        l1_loss = ctx.coefficients["l1"] * (f_p * sparse.at(sae.W_dec.norm(dim=1), pattern.cols)).abs().sum() / x.shape[0]
+        weighted = f_p * sparse.at(sae.W_dec.norm(dim=1), pattern.cols)
+        l1_loss = ctx.coefficients["l1"] * weighted.abs().sum() / x.shape[0]
         with torch.no_grad():
             active = f_p.detach() != 0
             fired = torch.bincount(pattern.cols[active], minlength=self.cfg.d_sae).to(torch.float32)

@@ -329,7 +329,7 @@ class Trainer:
             run.last = self._metrics(run, out, lr, coefficients)
 
     def _divergence_message(self, run: _Run, out: StepOutput, loss: float) -> str:
-        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in out.losses.items())
+        parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.losses.items())
         where = (f"the last good checkpoint is {self._last_checkpoint}; train(..., resume=True) continues from it"
                  if self._last_checkpoint is not None else "no checkpoint was written yet")
         return (f"Training of {run.name!r} diverged: the loss is {loss} at step {run.n_steps} "
@@ -540,8 +540,8 @@ class Trainer:
             }
             for run in self.runs:
                 record["saes"][run.name] = run.counters()
-                weights = {k: v for k, v in run.model.state_dict().items()}
-                save_file({k: v.detach().contiguous() for k, v in weights.items()}, tmp / f"{run.name}.weights.safetensors")
+                weights = {k: v.detach().contiguous() for k, v in run.model.state_dict().items()}
+                save_file(weights, tmp / f"{run.name}.weights.safetensors")
                 torch.save(run.optimizer.state_dict(), tmp / f"{run.name}.optimizer.pt")
                 tensors[f"{run.name}.act_freq_scores"] = run.act_freq_scores.detach().cpu().clone()
                 tensors[f"{run.name}.n_forward_passes_since_fired"] = \
@@ -615,7 +615,8 @@ def _describe_difference(existing: dict[str, Any], mine: dict[str, Any]) -> str:
         elif name not in new:
             lines.append(f"  - {name}: in the existing run but not in these configs")
         else:
-            diffs = [f"{k}: {old[name].get(k)!r} → {new[name].get(k)!r}" for k in sorted(set(old[name]) | set(new[name]))
+            keys = sorted(set(old[name]) | set(new[name]))
+            diffs = [f"{k}: {old[name].get(k)!r} → {new[name].get(k)!r}" for k in keys
                      if old[name].get(k) != new[name].get(k)]
             if diffs:
                 lines.append(f"  - {name}: " + "; ".join(diffs))
