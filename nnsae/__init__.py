@@ -1,6 +1,6 @@
 """nnsae: sparse autoencoders on any Hugging Face model, built on nnsight, compatible with SAELens."""
 
-from nnsae import dashboard, models, neuronpedia
+from nnsae import dashboard, models, neuronpedia, train  # train and dashboard are callable packages
 from nnsae.attach import (SAEHandle, SAEOrderError, attach, attached, detach, feature_attribution,
                           run_with_cache_with_saes, run_with_saes, saes, splice, steer)
 from nnsae.config import SAEConfig, SAEMetadata
@@ -12,7 +12,7 @@ from nnsae.hooks import HookPoint, HookSpec, resolve_hook
 from nnsae.io.registry import list_pretrained
 from nnsae.models import load_model, load_smollm2
 from nnsae.saes import ARCHITECTURES, SAE, register_architecture
-from nnsae.train import TrainConfig, train
+from nnsae.train import TrainConfig
 from nnsae.upload import upload_saes_to_huggingface
 
 __version__ = "0.1.0"
