@@ -17,6 +17,7 @@ from torch import nn
 
 from nnsae.config import SAEConfig, parse_dtype
 from nnsae.saes import SAE
+from nnsae.train import sparse
 from nnsae.train.config import TrainConfig
 
 
@@ -184,3 +185,24 @@ class DensityAdaptive(TrainingSAE):
             if self.cfg.autocast:
                 return sparse.row_dots(x_in, W.t(), pattern) + b[pattern.cols]
             return z[pattern.rows, pattern.cols].to(self.dtype)
+
+    def positive_preacts(self, x: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Sparse step shared by the ReLU family: (x in the training dtype, the pattern of entries whose
+        pre-activation x̃ W_enc + b is positive, those pre-activations with gradient)."""
+        sae = self.sae
+        x = x.to(self.dtype)
+        b_dec = sae.b_dec if self.cfg.apply_b_dec_to_input else None
+        with torch.no_grad():
+            x_in = x - b_dec if b_dec is not None else x
+            z = self.selection_matmul(x_in, sae.W_enc, b)
+            pattern = self.pattern_of(self.above(z, 0.0, x_in, sae.W_enc, b))
+            values = self.dots_at(x_in, sae.W_enc, b, z, pattern)
+        return x, pattern, sparse.preacts(x, b_dec, sae.W_enc, b, values, pattern)
+
+    def sparse_firing(self, f_p: torch.Tensor, pattern: Any, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-latent firing counts, mean L0) of sparse activations `f_p` at `pattern`."""
+        with torch.no_grad():
+            active = f_p.detach() != 0
+            fired = torch.bincount(pattern.cols[active], minlength=self.cfg.d_sae).to(torch.float32)
+            return fired, active.sum().to(torch.float32) / n_tokens
+

@@ -42,15 +42,8 @@ class GatedTrainingSAE(DensityAdaptive):
 
     def _sparse_forward(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
         sae = self.sae
-        x = x.to(self.dtype)
-        b_dec = sae.b_dec if self.cfg.apply_b_dec_to_input else None
-        with torch.no_grad():
-            x_in = x - b_dec if b_dec is not None else x
-            pi = self.selection_matmul(x_in, sae.W_enc, sae.b_gate)
-            pattern = self.pattern_of(self.above(pi, 0.0, x_in, sae.W_enc, sae.b_gate))
-            values = self.dots_at(x_in, sae.W_enc, sae.b_gate, pi, pattern)
+        x, pattern, gate_p = self.positive_preacts(x, sae.b_gate)
         cols = pattern.cols
-        gate_p = sparse.preacts(x, b_dec, sae.W_enc, sae.b_gate, values, pattern)
         magnitude = torch.relu(at(sae.r_mag.exp(), cols) * (gate_p - at(sae.b_gate, cols)) + at(sae.b_mag, cols))
         f_p = (gate_p.detach() > 0).to(magnitude.dtype) * magnitude
         x_hat = sparse.decode(sae.W_dec, f_p, pattern) + sae.b_dec
@@ -58,9 +51,6 @@ class GatedTrainingSAE(DensityAdaptive):
         gate_acts = torch.relu(gate_p)
         l1_loss = ctx.coefficients["l1"] * (gate_acts * at(sae.W_dec.norm(dim=1), cols)).sum() / x.shape[0]
         aux_loss = mse(sparse.decode(sae.W_dec, gate_acts, pattern) + sae.b_dec, x)
-        with torch.no_grad():
-            active = f_p.detach() != 0
-            fired = torch.bincount(cols[active], minlength=self.cfg.d_sae).to(torch.float32)
-            l0 = active.sum().to(torch.float32) / x.shape[0]
+        fired, l0 = self.sparse_firing(f_p, pattern, x.shape[0])
         losses = {"mse_loss": mse_loss, "l1_loss": l1_loss, "auxiliary_reconstruction_loss": aux_loss}
         return StepOutput(mse_loss + l1_loss + aux_loss, losses, x, x_hat, fired, l0)

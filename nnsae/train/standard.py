@@ -38,21 +38,12 @@ class StandardTrainingSAE(DensityAdaptive):
 
     def _sparse_forward(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
         sae = self.sae
-        x = x.to(self.dtype)
-        b_dec = sae.b_dec if self.cfg.apply_b_dec_to_input else None
-        with torch.no_grad():
-            x_in = x - b_dec if b_dec is not None else x
-            z = self.selection_matmul(x_in, sae.W_enc, sae.b_enc)
-            pattern = self.pattern_of(self.above(z, 0.0, x_in, sae.W_enc, sae.b_enc))
-            values = self.dots_at(x_in, sae.W_enc, sae.b_enc, z, pattern)
-        f_p = torch.relu(sparse.preacts(x, b_dec, sae.W_enc, sae.b_enc, values, pattern))
+        x, pattern, z_p = self.positive_preacts(x, sae.b_enc)
+        f_p = torch.relu(z_p)
         x_hat = sparse.decode(sae.W_dec, f_p, pattern) + sae.b_dec
         mse_loss = mse(x_hat, x)
         weighted = f_p * sparse.at(sae.W_dec.norm(dim=1), pattern.cols)
         l1_loss = ctx.coefficients["l1"] * weighted.abs().sum() / x.shape[0]
-        with torch.no_grad():
-            active = f_p.detach() != 0
-            fired = torch.bincount(pattern.cols[active], minlength=self.cfg.d_sae).to(torch.float32)
-            l0 = active.sum().to(torch.float32) / x.shape[0]
+        fired, l0 = self.sparse_firing(f_p, pattern, x.shape[0])
         losses = {"mse_loss": mse_loss, "l1_loss": l1_loss}
         return StepOutput(mse_loss + l1_loss, losses, x, x_hat, fired, l0)
