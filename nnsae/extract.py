@@ -342,19 +342,15 @@ def _clean(out: Path, manifest: dict[str, Any]) -> None:
 
 def _is_plain_topk(sae: SAE) -> bool:
     return (isinstance(sae, TopKSAE) and type(sae).activation is TopKSAE.activation
-            and type(sae).encode is SAE.encode and type(sae.hook_sae_acts_post) is nn.Identity)
+            and type(sae).encode is TopKSAE.encode and not sae.observed("hook_sae_acts_pre", "hook_sae_acts_post"))
 
 
 def sparse_activations(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every non-zero entry of `sae.encode(x)` for x [n, d_in]: (row, feature, value float32), ordered by (row,
-    feature). TopK SAEs skip the dense [n, d_sae] tensor (same values: `encode` scatters `select`'s output)."""
+    feature). Unobserved TopK SAEs skip the dense [n, d_sae] tensors (`TopKSAE.sparse_encode`, same values)."""
     n = x.shape[0]
     if _is_plain_topk(sae):
-        sae_in = sae.process_sae_in(x)
-        pre = sae._hook("hook_sae_acts_pre", sae.pre_activation(sae_in))
-        if sae.cfg.rescale_acts_by_decoder_norm:
-            pre = pre * sae.W_dec.norm(dim=-1)
-        values, indices = sae.select(pre)
+        values, indices = sae.sparse_encode(x)
         indices, order = indices.sort(dim=1)
         values = values.gather(1, order)
         rows = torch.arange(n, device=values.device).unsqueeze(1).expand_as(indices)

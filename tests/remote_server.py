@@ -13,7 +13,8 @@ of the tiny model (tests/tiny_models.py, loaded by file path), wraps it like the
 persistent ids against it (as a server does with `_remoteable_persistent_objects`), executes the trace and writes
 every tensor the body bound (and any error) to the result file with torch.save.
 
-Importing this module (for `make_tokenizer`) has no side effects.
+Importing this module has no side effects. The client half (`CaptureBackend`, `run_server`) is shared by
+tests/test_remote.py and tutorials/06_remote_ndif.ipynb.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -39,6 +42,46 @@ def make_tokenizer(vocab_size: int = 128):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
                                                 eos_token="</s>")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the client side
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class CaptureBackend:
+    """What RemoteBackend sends, without the HTTP: register local modules, then serialize the tracer
+    (pass as ``model.trace(..., backend=CaptureBackend())``; the payload bytes end up in ``.blob``)."""
+
+    def __init__(self) -> None:
+        self.blob: bytes | None = None
+
+    def __call__(self, tracer) -> None:
+        from nnsight.ndif import pull_env
+        from nnsight.schema.request import RequestModel
+
+        pull_env()
+        self.blob = RequestModel.serialize(tracer)
+
+
+def run_server(jobs: dict, timeout: float = 600) -> dict:
+    """Run ``{name: {"blob", "family", "wrapper"[, "dtype"]}}`` in one fresh server process; its results dict."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs_file, results_file = Path(tmp) / "jobs.pt", Path(tmp) / "results.pt"
+        torch.save(jobs, jobs_file)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(jobs_file), str(results_file)],
+                              cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+        if not results_file.exists():
+            raise RuntimeError(f"server crashed:\n{proc.stdout}\n{proc.stderr}")
+        return torch.load(results_file, weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the server side
+# ---------------------------------------------------------------------------------------------------------------
 
 
 class _Blocker(importlib.abc.MetaPathFinder):

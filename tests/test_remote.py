@@ -8,44 +8,23 @@ blocked from import, and runs them; results must equal the same bodies run local
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
 import warnings
-from pathlib import Path
 
 import nnsight
 import pytest
 import torch
 from nnsight.modeling.transformers import TransformersModel
-from nnsight.schema.request import RequestModel
-from nnsight.tracing.backend import Backend
 
 from nnsae import SAE, SAEConfig
 from nnsae.attach import attach, splice
 from nnsae.hooks import resolve_hook
-from tests.remote_server import make_tokenizer
+from tests.remote_server import CaptureBackend, make_tokenizer, run_server
 from tests.tiny_models import D_MODEL, tiny_model, tiny_tokens
 
 warnings.filterwarnings("ignore", message=".*LanguageModel is deprecated.*")
 
-SERVER = Path(__file__).resolve().parent / "remote_server.py"
 IDS = tiny_tokens(batch=2, seq=8)
 LAYERS = {"gpt2": "transformer.h", "llama": "model.layers"}
-
-
-class CaptureBackend(Backend):
-    """What RemoteBackend sends, without the HTTP: register local modules, then serialize the tracer."""
-
-    def __init__(self) -> None:
-        self.blob: bytes | None = None
-
-    def __call__(self, tracer) -> None:
-        from nnsight.ndif import pull_env
-
-        pull_env()
-        self.blob = RequestModel.serialize(tracer)
 
 
 def make_sae(d_in: int = D_MODEL, d_sae: int = 96, seed: int = 1, hook_name: str | None = None, **cfg) -> SAE:
@@ -77,7 +56,9 @@ def case_edit(family: str, wrapper: str):
     results = []
     for backend in (None, CaptureBackend()):
         kw = {} if backend is None else {"backend": backend}
-        with torch.no_grad(), model.trace(IDS, **kw):
+        # No torch.no_grad() here: the server runs the body with grad enabled whatever the client's mode, and a
+        # TopK SAE takes its (float-rounding-different) sparse kernels only without grad, so both sides must agree.
+        with model.trace(IDS, **kw):
             feats = splice(model, sae, hook=hook, use_error_term=True,
                            edit=lambda f: f.index_fill_(-1, torch.arange(0, 48), 0)).save()
             logits = model.output.logits.save()
@@ -147,14 +128,7 @@ def remote():
         torch.set_num_threads(threads)
     jobs = {name: {"blob": blob, "family": family, "wrapper": wrapper}
             for name, ((_, blob), family, wrapper) in cases.items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        jobs_file, results_file = Path(tmp) / "jobs.pt", Path(tmp) / "results.pt"
-        torch.save(jobs, jobs_file)
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        proc = subprocess.run([sys.executable, str(SERVER), str(jobs_file), str(results_file)],
-                              cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
-        assert results_file.exists(), f"server crashed:\n{proc.stdout}\n{proc.stderr}"
-        results = torch.load(results_file, weights_only=False)
+    results = run_server(jobs)
     local = {name: case[0][0] for name, case in cases.items()}
     sizes = {name: len(case[0][1]) for name, case in cases.items()}
     return local, results, sizes

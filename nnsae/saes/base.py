@@ -124,6 +124,21 @@ class SAE(nn.Module):
     def _hook(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return getattr(self, name)(x) if self._hooks_enabled else x
 
+    def observed(self, *names: str) -> bool:
+        """Whether anything could see or edit the values at these hook points: torch hooks on their modules (or
+        global module hooks), a module that is not a plain `nn.Identity`, or a replaced `forward` (nnsight installs
+        one on every module it wraps, and keeps it). Fast paths that skip a dense tensor run only when not. The
+        answer ignores `_hooks_enabled`, so a clean (hook-free) recomputation takes the kernels the hooked one took."""
+        from torch.nn.modules import module as torch_module
+
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return True
+        for name in names:
+            m = getattr(self, name)
+            if type(m) is not nn.Identity or m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+                return True
+        return False
+
     def clean_reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """reconstruct(x) without passing through the hook modules and without gradient: the reference the error
         term is measured against. (A plain flag, not a context manager, so a by-value copy of this class shipped

@@ -1,0 +1,233 @@
+"""The fast TopK inference kernels against the dense computation, written here independently (float64 references)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nnsae import SAE, SAEConfig, kernels
+
+D_IN, K = 24, 6
+
+
+def reference_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, absolute: bool,
+                   scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense float64 pre-activations (one matmul) and the k-th largest key per row."""
+    h = x.double() @ W.double() + b.double()
+    if scale is not None:
+        h = h * scale.double()
+    key = h.abs() if absolute else h
+    return h, key.sort(dim=1, descending=True).values[:, k - 1]
+
+
+def check_selection(values, indices, x, W, b, k, absolute, relu, scale=None, tol=1e-5):
+    """The chosen latents hold the k largest keys (ties: any of them) and their values are the pre-activations."""
+    h, kth = reference_topk(x, W, b, k, absolute, scale)
+    assert indices.shape == (x.shape[0], k) and values.dtype == x.dtype
+    assert all(len(set(row.tolist())) == k for row in indices)
+    picked = h.gather(1, indices)
+    torch.testing.assert_close(values.double(), picked, atol=tol, rtol=tol)
+    key = picked.abs() if absolute else picked
+    slack = tol * (1 + kth.abs())
+    relevant = kth > 0 if relu else torch.ones_like(kth, dtype=torch.bool)  # relu: only positives matter
+    assert bool(((key.min(dim=1).values >= kth - slack) | ~relevant).all())
+    if relu:  # every positive pre-activation above the k-th is chosen
+        full = torch.zeros_like(h).scatter_(1, indices, torch.relu(picked))
+        expected = torch.where((h >= kth[:, None]) & (h > 0), h, torch.zeros_like(h))
+        near_tie = ((h - kth[:, None]).abs() <= slack[:, None]).any(1)
+        torch.testing.assert_close(full[~near_tie], expected[~near_tie], atol=tol, rtol=tol)
+
+
+def random_problem(n: int, s: int, seed: int = 0, big_rows: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D_IN, generator=g)
+    if big_rows:
+        x[::7] *= 1000  # large-norm rows (SmolLM2's massive activations)
+    W = torch.randn(D_IN, s, generator=g) / D_IN ** 0.5
+    b = 0.1 * torch.randn(s, generator=g)
+    return x, W, b
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("s", [256, 200, 4096])
+def test_bf16_candidates_select_exactly_the_dense_top_k(absolute, rescale, s):
+    x, W, b = random_problem(300, s)
+    scale = torch.rand(s) + 0.5 if rescale else None
+    weights = kernels._Bf16Weights(W, b, scale)  # forced on, whatever the CPU
+    values, indices = kernels.topk_preacts(x, W, b, K, absolute=absolute, relu=not absolute, scale=scale,
+                                           weights=weights)
+    check_selection(values, indices, x, W, b, K, absolute, not absolute, scale)
+
+
+def test_bf16_candidates_edge_rows():
+    s = 512
+    x, W, b = random_problem(64, s, big_rows=False)
+    x[0] = 0  # pre = b: ties decided by the bias alone
+    b[:] = -1.0
+    b[::3] = 0.5  # many exact ties at 0.5
+    x[1] = float("nan")  # non-finite rows take the dense path
+    x[2] *= 1e30
+    x[3] = -x[3]
+    weights = kernels._Bf16Weights(W, b, None)
+    values, indices = kernels.topk_preacts(x, W, b, K, absolute=False, relu=True, weights=weights)
+    rows = torch.tensor([i for i in range(64) if i != 1])
+    check_selection(values[rows], indices[rows], x[rows], W, b, K, False, True)
+    assert (values[0] == 0.5).all()
+    # all-negative pre-activations: ReLU gives zeros whichever latents are chosen
+    values, indices = kernels.topk_preacts(x[4:8], W, torch.full((s,), -1e6), K, absolute=False, relu=True,
+                                           weights=kernels._Bf16Weights(W, torch.full((s,), -1e6), None))
+    assert (torch.relu(values) == 0).all()
+
+
+def test_k_equal_to_d_sae_takes_the_dense_path():
+    x, W, b = random_problem(10, 16)
+    values, indices = kernels.topk_preacts(x, W, b, 16, absolute=False, relu=True,
+                                           weights=kernels._Bf16Weights(W, b, None))
+    check_selection(values, indices, x, W, b, 16, False, True)
+
+
+def test_row_topk_equals_torch_topk():
+    for n, s, k in [(7, 4608, 32), (5, 100, 7), (3, 64, 64), (4, 30, 1)]:
+        h = torch.randn(n, s)
+        torch.testing.assert_close(h.gather(1, kernels.row_topk(h, k)).sort(1).values,
+                                   torch.topk(h, k).values.sort(1).values, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_decode_equals_dense_product(dtype):
+    W = torch.randn(300, D_IN).to(dtype)
+    indices = torch.stack([torch.randperm(300)[:K] for _ in range(9)])
+    values = torch.randn(9, K).to(dtype)
+    dense = torch.zeros(9, 300, dtype=torch.float64).scatter_(1, indices, values.double())
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(kernels.sparse_decode(values, indices, W).double(), dense @ W.double(), **tol)
+
+
+def make_sae(arch: str, d_sae: int, dtype=torch.float32, **kw) -> SAE:
+    sae = SAE.from_config(SAEConfig(d_in=D_IN, d_sae=d_sae, architecture=arch, k=K,
+                                    dtype=str(dtype).removeprefix("torch."), **kw))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_((0.3 * torch.randn(p.shape, generator=g)).to(dtype))
+    return sae
+
+
+def dense_reference(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAELens' TopK math in float64: features and reconstruction."""
+    p = {k: v.detach().double() for k, v in sae.state_dict().items()}
+    xt = x.to(sae.dtype).double() - p["b_dec"]
+    z = xt @ p["W_enc"] + p["b_enc"]
+    norms = p["W_dec"].norm(dim=-1)
+    if sae.cfg.rescale_acts_by_decoder_norm:
+        z = z * norms
+    absolute = sae.cfg.architecture == "abstopk"
+    idx = (z.abs() if absolute else z).topk(K, dim=-1).indices
+    vals = z.gather(-1, idx)
+    f = torch.zeros_like(z).scatter_(-1, idx, vals if absolute else torch.relu(vals))
+    dec = f / norms if sae.cfg.rescale_acts_by_decoder_norm else f
+    return f, dec @ p["W_dec"] + p["b_dec"]
+
+
+@pytest.mark.parametrize("arch", ["topk", "abstopk"])
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad", ["inference_mode", "no_grad"])
+def test_sae_fast_paths_equal_the_dense_math(arch, rescale, dtype, grad, monkeypatch):
+    monkeypatch.setattr(kernels, "bf16_is_fast", lambda device, dt: dt == torch.float32)
+    sae = make_sae(arch, 512, dtype, rescale_acts_by_decoder_norm=rescale)
+    x = torch.randn(4, 50, D_IN)
+    x[0, 0] *= 500
+    f_ref, r_ref = dense_reference(sae, x)
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    ctx = torch.inference_mode() if grad == "inference_mode" else torch.no_grad()
+    with ctx:
+        f, (f2, recon), recon2, out = sae.encode(x), sae.encode_decode(x), sae.reconstruct(x), sae(x)
+        values, indices = sae.sparse_encode(x)
+    assert f.shape == f_ref.shape and f.dtype == dtype and indices.shape == (4, 50, K)
+    if dtype == torch.float32:
+        for acts in (f, f2):
+            torch.testing.assert_close(acts.double(), f_ref, **tol)
+        for r in (recon, recon2, out):
+            torch.testing.assert_close(r.double(), r_ref, **tol)
+        return
+    # bf16 SAEs compute in bf16: rounding can swap latents near the k-th place, so check that the chosen latents
+    # are a top k of the float64 keys within bf16 tolerance, and that decoding them is the dense product.
+    z = f_ref.new_zeros(())  # keys of the chosen latents vs the k-th key, per token
+    p = {k: v.detach().double() for k, v in sae.state_dict().items()}
+    h = (x.to(dtype).double() - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    if rescale:
+        h = h * p["W_dec"].norm(dim=-1)
+    key = h.abs() if arch == "abstopk" else h
+    kth = key.sort(-1, descending=True).values[..., K - 1:K]
+    chosen = key.gather(-1, indices)
+    assert bool((chosen >= kth - 5e-2 * (1 + kth.abs()) + z).all())
+    for acts in (f, f2):
+        torch.testing.assert_close(acts.double().gather(-1, indices), values.double(), rtol=0, atol=0)
+    dec = f.double() / p["W_dec"].norm(dim=-1) if rescale else f.double()
+    expected = dec @ p["W_dec"] + p["b_dec"]
+    scale = dec.abs() @ p["W_dec"].abs() + p["b_dec"].abs()  # bf16 errors are relative to the summed magnitudes
+    for r in (recon, recon2, out):
+        assert bool(((r.double() - expected).abs() <= 2 ** -5 * scale + 1e-3).all())
+
+
+def test_hooked_sae_keeps_the_dense_path_and_hooks_see_dense_acts():
+    sae = make_sae("topk", 512)
+    x = torch.randn(6, D_IN)
+    seen = []
+    handle = sae.hook_sae_acts_post.register_forward_hook(lambda m, i, o: seen.append(o.clone()) or o * 0)
+    try:
+        assert sae.observed("hook_sae_acts_post")
+        with torch.inference_mode():
+            recon = sae.reconstruct(x)
+    finally:
+        handle.remove()
+    assert seen and seen[0].shape == (6, 512) and ((seen[0] != 0).sum(-1) <= K).all()
+    torch.testing.assert_close(recon, sae.b_dec.detach().expand(6, -1))  # the edit reached the decoder
+    assert not sae.observed("hook_sae_acts_post", "hook_sae_acts_pre")
+    sae.hook_sae_acts_pre.forward = lambda t: t  # what nnsight does to modules it wraps
+    assert sae.observed("hook_sae_acts_pre")
+
+
+def test_weights_created_in_inference_mode_and_in_place_edits(monkeypatch):
+    monkeypatch.setattr(kernels, "bf16_is_fast", lambda device, dt: dt == torch.float32)
+    with torch.inference_mode():  # inference tensors: no version counter, nothing cached
+        sae = make_sae("topk", 256)
+        x = torch.randn(5, D_IN)
+        torch.testing.assert_close(sae.reconstruct(x).double(), dense_reference(sae, x)[1], atol=1e-4, rtol=1e-5)
+    sae = make_sae("topk", 256)
+    with torch.no_grad():
+        sae.reconstruct(x)
+        sae.W_enc.mul_(-1)  # an in-place edit must invalidate the cached bf16 weights
+        torch.testing.assert_close(sae.reconstruct(x).double(), dense_reference(sae, x)[1], atol=1e-4, rtol=1e-5)
+
+
+def test_pickled_sae_leaves_the_bf16_cache_behind(monkeypatch):
+    import pickle
+
+    monkeypatch.setattr(kernels, "bf16_is_fast", lambda device, dt: dt == torch.float32)
+    sae = make_sae("topk", 256)
+    x = torch.randn(5, D_IN)
+    with torch.no_grad():
+        expected = sae(x)
+    assert "_bf16_cache" in sae.__dict__
+    copy = pickle.loads(pickle.dumps(sae))  # what a remote (NDIF) payload does with an SAE sent by value
+    assert "_bf16_cache" not in copy.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), expected)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("hooked", [False, True])
+def test_error_term_cancels_the_reconstruction_bit_for_bit(grad, hooked, monkeypatch):
+    # The clean reconstruction must take the kernel the hooked one took (sparse only without grad and hooks).
+    monkeypatch.setattr(kernels, "bf16_is_fast", lambda device, dt: dt == torch.float32)
+    sae = make_sae("topk", 256)
+    if hooked:
+        sae.hook_sae_acts_post.register_forward_hook(lambda m, i, o: o)
+    x = torch.randn(7, D_IN) * 3
+    with torch.set_grad_enabled(grad):
+        recons = sae.reconstruct(x)
+        clean = sae.clean_reconstruct(x)
+    assert torch.equal(recons, clean)
