@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchmarks.common import machine_line
 
-BENCHMARKS = ["encode_decode", "harvest", "attach", "extract", "train", "dashboard"]
+BENCHMARKS = ["encode_decode", "harvest", "attach", "extract", "train", "memory", "dashboard"]
 
 
 def main() -> None:

@@ -1,43 +1,63 @@
-"""Training throughput per architecture, nnsae against SAELens' trainer on the same activations, lr and batch.
+"""Whole-run training throughput and quality per architecture, nnsae against SAELens' trainer, side by side.
 
-Both trainers step on the same pre-generated batches, alternating step by step, so load on the machine hits both
-alike; tokens/s are medians of per-step times. Quality: TopK (fp32 and bf16 autocast) trained for one epoch by both,
-explained variance on held-out activations (pooled, float64).
+For each architecture both trainers train from the same initial weights on the same batches with the same
+hyper-parameters (lr, sparsity coefficients, batch, fp32 parameters and compute), stepping in lock-step (one nnsae
+step, one SAELens step, per batch) so load on the machine hits both alike. Reported per trainer:
+- whole-run tokens/s: the token budget over the summed step times (the dense early phase of the ReLU family
+  included, so the ratio is what a user gets for the whole run, not only its sparse tail);
+- held-out quality at the end: pooled explained variance (float64) and mean L0 of the exported inference SAE on
+  held-out activations. Both trainers' results go through the same path: SAELens' `save_inference_model` and
+  nnsae's export are loaded as nnsae inference SAEs, so BatchTopK is evaluated with its learned threshold for both.
 
-Activations: synthetic (a sparse dictionary model at d_in 576) by default, or `--activations file.safetensors`
-(key "acts", [n, d_in]; the last `--batch` rows are held out), or `--harvest N` to harvest N tokens of SmolLM2-135M
-`model.layers.6.output` with nnsae's ActivationStore (cached in that file).
+Activations: SmolLM2-135M `model.layers.6` output (the embedded Q4_1 checkpoint, dequantized), offline text, read
+through nnsae's `ActivationStore(cache_dir=...)`: the first run harvests them into the cache (several minutes),
+later runs read the cache. `--data synthetic` uses a sparse-dictionary model instead (no model needed).
+The ReLU family (standard, jumprelu, gated) trains on the activations scaled to mean norm √d_in (SAELens'
+`expected_average_only_in`, applied once to the data for both trainers), where their L1/L0 coefficients have
+their usual meaning; the TopK family trains on the raw activations.
 
-Run: `python -m benchmarks.train [--epoch-batches 30] [--timed-steps 6] [--skip-saelens]`.
+Run: `python -m benchmarks.train [--tokens 409600] [--archs topk batchtopk jumprelu standard] [--skip-saelens]`.
+SAELens columns need `pip install -e .[bench]` (sae-lens==6.54.12); without it they are skipped with a note.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from benchmarks.common import machine_line, markdown_table
 from nnsae.train import TrainConfig
+from nnsae.train.base import DensityAdaptive
 from nnsae.train.trainer import Trainer
 
 D_IN, D_SAE, K, BATCH = 576, 4608, 32, 4096
-HOOK = "model.layers.6.output"
+HOOK = "model.layers.6"
+DEFAULT_CACHE = Path("~/.cache/nnsae/bench-smollm2-layer6").expanduser()
+TOPK_LR = 4e-3  # nnsae's default for this width and batch (nnsae.train.config.default_lr), given to both trainers
+RELU_LR = 2e-3
+# Per-architecture hyper-parameters, identical for both trainers. The ReLU family's were chosen on the scaled
+# activations to become sparse within a few steps and end at an L0 in the tens to ~150: lr 2e-3; standard L1 10
+# (with L1 5 the latents hovered at 10-18% density, L0 ~470); JumpReLU with the tanh sparsity loss, whose gradient
+# reaches the encoder like L1 (with the step loss and L0 1, θ can only rise by ~lr per step while the encoder grows,
+# and the latents stayed at ~65% density after 30 steps). SAELens' own defaults (lr 3e-4, L1 1, L0 1) leave the
+# latents dense for far longer than a benchmark run.
 ARCHS: dict[str, dict[str, Any]] = {
-    "topk": {},
-    "abstopk": {},
-    "batchtopk": {"k": float(K)},
-    "matryoshka_batchtopk": {"k": float(K), "matryoshka_widths": [512, 2048, D_SAE]},
-    "jumprelu": {},
-    "standard": {},
-    "gated": {},
+    "topk": {"k": K, "lr": TOPK_LR},
+    "abstopk": {"k": K, "lr": TOPK_LR},
+    "batchtopk": {"k": float(K), "lr": TOPK_LR},
+    "matryoshka_batchtopk": {"k": float(K), "lr": TOPK_LR, "matryoshka_widths": [512, 2048, D_SAE]},
+    "jumprelu": {"lr": RELU_LR, "l0_coefficient": 2.0, "jumprelu_sparsity_loss_mode": "tanh"},
+    "standard": {"lr": RELU_LR, "l1_coefficient": 10.0},
+    "gated": {"lr": RELU_LR, "l1_coefficient": 10.0},
 }
-TOPK_LR, L1_LR = 4e-3, 3e-4
+DEFAULT_ARCHS = ["topk", "batchtopk", "jumprelu", "standard"]
+RELU_FAMILY = ("standard", "jumprelu", "gated")
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -59,34 +79,53 @@ def synthetic_activations(n_tokens: int, seed: int = 0, n_features: int = 4096, 
     return out
 
 
-def harvested_activations(n_tokens: int, path: Path) -> torch.Tensor:
-    from safetensors.torch import load_file, save_file
+def real_activations(n_tokens: int, cache_dir: Path) -> torch.Tensor:
+    """At least `n_tokens` SmolLM2 layer-6 activations in corpus order, from nnsae's activation cache in `cache_dir`.
+    The first call harvests them with nnsae's ActivationStore(cache_dir=...) (a larger request harvests only the
+    missing part); later calls read the cache's shards without loading the model."""
+    from nnsae.harvest import ActivationCache
+    from nnsae.io.files import read_json
 
-    if path.exists():
-        acts = load_file(path)["acts"]
-        if acts.shape[0] >= n_tokens:
-            return acts[:n_tokens]
-    from nnsae.harvest import ActivationStore
-    from nnsae.models import load_model
+    def cached_tokens() -> int:
+        manifest = cache_dir / "manifest.json"
+        return sum(s["tokens"] for s in read_json(manifest)["shards"].values()) if manifest.exists() else 0
 
-    model, tokenizer = load_model()
-    store = ActivationStore(model, [HOOK], tokenizer=tokenizer, batch_size_tokens=BATCH)
-    parts, have = [], 0
-    for batch in store:
-        parts.append(batch[HOOK].float())
-        have += parts[-1].shape[0]
-        if have >= n_tokens:
-            break
-    acts = torch.cat(parts)[:n_tokens].contiguous()
-    save_file({"acts": acts}, path)
-    return acts
+    if cached_tokens() < n_tokens:
+        from nnsae.harvest import ActivationStore
+        from nnsae.models import load_model
+
+        model, tokenizer = load_model()
+        store = ActivationStore(model, [HOOK], "offline", tokenizer=tokenizer, batch_size_tokens=BATCH,
+                                cache_dir=cache_dir)
+        for _ in store:  # every harvest batch is written to the cache as the store reads it
+            if cached_tokens() >= n_tokens:
+                break
+        else:
+            raise SystemExit(f"The offline corpus gave only {cached_tokens()} of the {n_tokens} activations asked for.")
+    cache = ActivationCache(cache_dir, read_json(cache_dir / "manifest.json")["settings"])
+    parts, have, index = [], 0, 0
+    while have < n_tokens:
+        parts.append(cache.read(index, 0)[1][0].float())
+        have, index = have + parts[-1].shape[0], index + 1
+    return torch.cat(parts)
+
+
+def training_batches(acts: torch.Tensor, n_steps: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """`n_steps` batches cycling over `acts`, reshuffled every epoch (a fixed seed: both trainers see the same)."""
+    g = torch.Generator().manual_seed(seed)
+    per_epoch = acts.shape[0] // BATCH
+    for i in range(n_steps):
+        if i % per_epoch == 0:
+            perm = torch.randperm(acts.shape[0], generator=g)
+        j = i % per_epoch
+        yield acts[perm[j * BATCH:(j + 1) * BATCH]]
 
 
 class MemoryStore:
-    """The ActivationStore interface over in-memory batches (in order; the data is already shuffled)."""
+    """The ActivationStore interface over in-memory activations (already shuffled), for Trainer.build()."""
 
     def __init__(self, acts: torch.Tensor):
-        self.acts, self.batch_size_tokens, self.hooks, self.pos = acts, BATCH, [HOOK], 0
+        self.acts, self.batch_size_tokens, self.hooks = acts, BATCH, [HOOK]
 
     def d_in(self, hook: str) -> int:
         return self.acts.shape[1]
@@ -95,50 +134,49 @@ class MemoryStore:
         return {"model_name": "benchmark", "hook_name": hook, "context_size": 128, "dataset_path": "benchmark"}
 
     def __iter__(self):
-        while (self.pos + 1) * BATCH <= self.acts.shape[0]:
-            self.pos += 1
-            yield {HOOK: self.acts[(self.pos - 1) * BATCH:self.pos * BATCH]}
+        for i in range(self.acts.shape[0] // BATCH):
+            yield {HOOK: self.acts[i * BATCH:(i + 1) * BATCH]}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pos": self.pos}
+        return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pos = state["pos"]
-
-
-def learning_rate(arch: str, threshold: float | None) -> float:
-    if threshold is not None:
-        return 1e-7  # hold the trained-like sparsity fixed while timing (the lr does not change the work per step)
-    return TOPK_LR if "topk" in arch else L1_LR
+        pass
 
 
 # ---- the two trainers, one step at a time -------------------------------------------------------------------------
 
-def nnsae_stepper(arch: str, steps: int, autocast: bool, out: Path, sparse_kernels: bool = True,
-                  threshold: float | None = None
-                  ) -> tuple[Callable[[torch.Tensor], None], Callable[[], torch.nn.Module]]:
+Stepper = tuple[Callable[[torch.Tensor], None], Callable[[Path], Path]]
+
+
+def nnsae_stepper(arch: str, steps: int, autocast: bool, out: Path, stats: dict[str, int]) -> Stepper:
+    """(step(x), export(dir) → dir of the inference SAE). `stats["dense_steps"]` counts steps of the ReLU family
+    that ran on the dense path (before the latents became sparse enough for the sparse kernels)."""
     extra = dict(ARCHS[arch])
-    cfg = TrainConfig(architecture=arch, hook=HOOK, d_sae=D_SAE, k=extra.pop("k", K), lr=learning_rate(arch, threshold),
-                      training_tokens=(steps + 10_000) * BATCH, autocast=autocast, sparse_kernels=sparse_kernels,
-                      log_every=10_000, **extra)
+    cfg = TrainConfig(architecture=arch, hook=HOOK, d_sae=D_SAE, training_tokens=steps * BATCH, autocast=autocast,
+                      log_every=10 ** 9, **extra)
     trainer = Trainer(None, cfg, MemoryStore(torch.zeros(BATCH, D_IN)), out, progress=False)
     trainer.build()
-    if threshold is not None:  # a trained-like state: ~K active latents per token
-        model = trainer.runs[0].model
-        set_sparse_state(model.sae, arch, threshold)
-        model.density.fill_(0.0)  # let the first step pick its path from the actual density
+    model = trainer.runs[0].model
+    stats["dense_steps"] = 0
 
     def step(x: torch.Tensor) -> None:
+        adaptive = isinstance(model, DensityAdaptive)
+        if adaptive and not model.use_sparse(None):  # type: ignore[arg-type]
+            stats["dense_steps"] += 1
         trainer.train_step({HOOK: x})
+        if adaptive:
+            stats["density"] = float(model.density)
 
-    def result() -> torch.nn.Module:
-        return next(iter(trainer.finish().values()))
+    def export(folder: Path) -> Path:
+        sae = next(iter(trainer.finish().values()))
+        sae.save_model(folder)
+        return folder
 
-    return step, result
+    return step, export
 
 
-def saelens_stepper(arch: str, steps: int, autocast: bool, threshold: float | None = None
-                    ) -> tuple[Callable[[torch.Tensor], None], Callable[[], torch.nn.Module]]:
+def saelens_stepper(arch: str, steps: int, autocast: bool) -> Stepper:
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
@@ -149,172 +187,168 @@ def saelens_stepper(arch: str, steps: int, autocast: bool, threshold: float | No
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    classes = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
-               "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
-               "matryoshka_batchtopk": (MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig),
-               "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig),
-               "standard": (StandardTrainingSAE, StandardTrainingSAEConfig),
-               "gated": (GatedTrainingSAE, GatedTrainingSAEConfig)}
+    classes: dict[str, tuple[Any, Any]] = {
+        "topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
+        "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
+        "matryoshka_batchtopk": (MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig),
+        "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig),
+        "standard": (StandardTrainingSAE, StandardTrainingSAEConfig),
+        "gated": (GatedTrainingSAE, GatedTrainingSAEConfig)}
     try:
         from sae_lens.saes.abstopk_sae import AbsTopKTrainingSAE, AbsTopKTrainingSAEConfig
 
         classes["abstopk"] = (AbsTopKTrainingSAE, AbsTopKTrainingSAEConfig)
-    except ImportError:  # pragma: no cover
+    except ImportError:  # pragma: no cover - older SAELens
         pass
     sae_cls, cfg_cls = classes[arch]
     extra = dict(ARCHS[arch])
-    if "topk" in arch:
-        extra.setdefault("k", K)
-    torch.manual_seed(42)
+    lr = extra.pop("lr")
+    torch.manual_seed(42)  # nnsae's training init reproduces SAELens' under the same seed
     sae = sae_cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, **extra))
-    if threshold is not None:
-        set_sparse_state(sae, arch, threshold)
-    lr = learning_rate(arch, threshold)
     trainer = SAETrainer(SAETrainerConfig(total_training_samples=steps * BATCH, train_batch_size_samples=BATCH,
                                           lr=lr, lr_end=lr / 10, autocast=autocast,
                                           logger=LoggingConfig(log_to_wandb=False)), sae, iter(()))
 
-    def step(x: torch.Tensor) -> None:  # the body of SAETrainer.fit()
+    def step(x: torch.Tensor) -> None:  # the body of SAETrainer.fit() without logging and checkpoints
         trainer.maybe_reset_sparsity()
         trainer.step(x)
         trainer.n_training_steps += 1
 
-    return step, lambda: sae
+    def export(folder: Path) -> Path:
+        sae.save_inference_model(folder)
+        return folder
+
+    return step, export
 
 
-@torch.no_grad()
-def sparse_state_threshold(x: torch.Tensor) -> float:
-    """The pre-activation value exceeded by about K latents per token at the initialisation (both libraries start
-    from the same weights: SAELens' init under seed 42, which nnsae reproduces)."""
-    from nnsae.train import make_training_sae
-
-    cfg = TrainConfig(architecture="jumprelu", hook=HOOK, d_sae=D_SAE, lr=L1_LR, training_tokens=BATCH).resolve(
-        D_IN, BATCH)
-    sae = make_training_sae(cfg, D_IN).sae
-    z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-    return float(torch.quantile(z.flatten()[::97], 1 - K / D_SAE))
-
+# ---- measurement --------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def set_sparse_state(sae: torch.nn.Module, arch: str, threshold: float) -> None:
-    """Make ~K latents per token active, as after training (JumpReLU threshold, or a negative encoder bias)."""
-    if arch == "jumprelu":
-        sae.threshold.fill_(threshold)
-    elif arch == "gated":
-        sae.b_gate.fill_(-threshold)
-        sae.b_mag.fill_(-threshold)
-    else:
-        sae.b_enc.fill_(-threshold)
+def heldout_quality(folder: Path, x: torch.Tensor, batch_k: float | None = None) -> tuple[float, float, float]:
+    """(explained variance, EV without the massive-norm tokens (norm > 4× the median), mean L0) of the inference
+    SAE saved in `folder` on held-out activations `x` (pooled, float64). With `batch_k` (BatchTopK), the latents are
+    chosen as in training instead of by the exported threshold: the top `batch_k · n` of ReLU(pre-activations) over
+    each batch of n = 4096 held-out tokens (the threshold is an EMA that a short run has not yet converged)."""
+    from nnsae.saes import SAE
+
+    sae = SAE.load_from_disk(folder)
+    sse = torch.zeros(x.shape[0], dtype=torch.float64)
+    l0 = 0.0
+    for i in range(0, x.shape[0], BATCH):
+        xb = x[i:i + BATCH]
+        if batch_k is None:
+            f = sae.encode(xb)
+        else:  # pre-activations of the exported (norm-folded) weights, then the batch-level top k·n
+            h = torch.relu((xb - sae.b_dec) @ sae.W_enc + sae.b_enc).flatten()
+            values, idx = torch.topk(h, int(batch_k * xb.shape[0]), sorted=False)
+            f = torch.zeros_like(h).index_put_((idx,), values).view(xb.shape[0], -1)
+        l0 += float((f != 0).sum())
+        sse[i:i + BATCH] = (sae.decode(f).double() - xb.double()).pow(2).sum(-1)
+    norms = x.norm(dim=-1)
+    typical = norms <= 4 * norms.median()
+
+    def ev(mask: torch.Tensor) -> float:
+        xm = x[mask].double()
+        return float(1 - sse[mask].sum() / (xm - xm.mean(0)).pow(2).sum())
+
+    return ev(torch.ones_like(typical)), ev(typical), l0 / x.shape[0]
 
 
-@torch.no_grad()
-def explained_variance(sae: torch.nn.Module, x: torch.Tensor) -> float:
-    x_hat = torch.cat([sae(x[i:i + 1024]).float() for i in range(0, x.shape[0], 1024)]).double()
-    x = x.double()
-    return float(1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-
-
-def race(steppers: dict[str, Callable[[torch.Tensor], None]], batches: list[torch.Tensor], warmup: int = 1
-         ) -> dict[str, float]:
-    """Step every trainer on each batch in turn; median tokens/s per trainer (after `warmup` steps)."""
-    times: dict[str, list[float]] = {name: [] for name in steppers}
-    for i, x in enumerate(batches):
+def race(steppers: dict[str, Callable[[torch.Tensor], None]], batches: Iterator[torch.Tensor]
+         ) -> tuple[dict[str, float], int]:
+    """Step every trainer on each batch in turn: (whole-run tokens/s per trainer, all steps included; steps)."""
+    spent = {name: 0.0 for name in steppers}
+    n = 0
+    for x in batches:
+        n += 1
         for name, step in steppers.items():
             start = time.perf_counter()
             step(x)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: BATCH / statistics.median(ts) for name, ts in times.items()}
+            spent[name] += time.perf_counter() - start
+    return {name: n * BATCH / seconds for name, seconds in spent.items()}, n
+
+
+def scaled_for_relu(acts: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Activations × s with s = √d_in / mean ‖x‖ (SAELens' expected_average_only_in, estimated on these data)."""
+    s = math.sqrt(acts.shape[1]) / float(acts[:65536].norm(dim=-1).mean())
+    return acts * s, s
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------
 
-def run(acts: torch.Tensor, heldout: torch.Tensor, epoch_batches: int, timed_steps: int, with_saelens: bool,
-        source: str) -> str:
-    batches = [acts[i * BATCH:(i + 1) * BATCH] for i in range(acts.shape[0] // BATCH)]
-    lines = [f"Training, d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, {source}; lr {TOPK_LR:g} (TopK family), "
-             f"{L1_LR:g} (L1/L0 family); CPU, {machine_line()}", ""]
+def run(acts: torch.Tensor, heldout: torch.Tensor, n_steps: int, archs: list[str], with_saelens: bool, source: str,
+        autocast: bool) -> str:
+    relu_acts, s = scaled_for_relu(acts) if any(a in RELU_FAMILY for a in archs) else (acts, 1.0)
     tmp = Path(tempfile.mkdtemp(prefix="nnsae-bench-"))
-
-    # 1. quality + throughput: TopK one epoch, fp32 and bf16, both trainers in lock-step
     rows = []
-    for autocast in (False, True):
-        label = "bf16 autocast" if autocast else "fp32"
-        steppers, results = {}, {}
-        steppers["nnsae"], results["nnsae"] = nnsae_stepper("topk", epoch_batches, autocast,
-                                                            tmp / f"topk-{autocast}")
+    for arch in archs:
+        data, held = (relu_acts, heldout * s) if arch in RELU_FAMILY else (acts, heldout)
+        stats: dict[str, float] = {}
+        steppers, exports = {}, {}
+        steppers["nnsae"], exports["nnsae"] = nnsae_stepper(arch, n_steps, autocast, tmp / arch / "nnsae-run", stats)
         if with_saelens:
-            steppers["SAELens"], results["SAELens"] = saelens_stepper("topk", epoch_batches, autocast)
-        speed = race(steppers, batches[:epoch_batches])
-        ev = {name: explained_variance(result(), heldout) for name, result in results.items()}
-        row = [f"topk {label}", f"{speed['nnsae']:,.0f}", f"{ev['nnsae']:.4f}"]
+            steppers["SAELens"], exports["SAELens"] = saelens_stepper(arch, n_steps, autocast)
+        speed, _ = race(steppers, training_batches(data, n_steps))
+        batch_k = float(ARCHS[arch]["k"]) if "batchtopk" in arch else None
+        quality = {name: heldout_quality(export(tmp / arch / name), held, batch_k) for name, export in exports.items()}
+        hp = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in ARCHS[arch].items())
+        dense = f"{stats['dense_steps']:.0f}" if arch in RELU_FAMILY else "–"
+        row = [arch, hp, f"{speed['nnsae']:,.0f}", f"{quality['nnsae'][0]:.4f} / {quality['nnsae'][1]:.4f}",
+               f"{quality['nnsae'][2]:.1f}", dense]
         if with_saelens:
-            row += [f"{speed['SAELens']:,.0f}", f"{ev['SAELens']:.4f}", f"**{speed['nnsae'] / speed['SAELens']:.2f}×**"]
+            row += [f"{speed['SAELens']:,.0f}", f"{quality['SAELens'][0]:.4f} / {quality['SAELens'][1]:.4f}",
+                    f"{quality['SAELens'][2]:.1f}", f"**{speed['nnsae'] / speed['SAELens']:.2f}×**"]
         rows.append(row)
-    header = ["one epoch", "nnsae tok/s", "nnsae held-out EV"]
+        print(f"  {arch}: {row}", flush=True)
+    header = ["architecture", "hyper-parameters (both)", "nnsae tok/s", "nnsae EV / EV typical", "nnsae L0",
+              "nnsae dense steps"]
     if with_saelens:
-        header += ["SAELens tok/s", "SAELens held-out EV", "speed ratio"]
-    lines += [f"TopK, one epoch of {epoch_batches * BATCH:,} tokens, explained variance on {heldout.shape[0]:,} "
-              f"held-out tokens:", "", markdown_table(header, rows), ""]
-
-    # 2. throughput per architecture (short runs; quality not comparable after so few steps)
-    rows = []
-    theta = sparse_state_threshold(batches[0])
-    cases = [(arch, None) for arch in ARCHS] + [(arch, theta) for arch in ("jumprelu", "standard", "gated")]
-    for arch, threshold in cases:
-        for autocast in (False, True) if "topk" in arch else (False,):
-            label = arch + (f" (trained-like, L0≈{K})" if threshold is not None else "") + (" bf16" if autocast else "")
-            steppers = {"nnsae": nnsae_stepper(arch, timed_steps + 1, autocast, tmp / f"{label}",
-                                               threshold=threshold)[0]}
-            if arch in ("topk", "batchtopk") and not autocast:
-                steppers["nnsae dense"] = nnsae_stepper(arch, timed_steps + 1, autocast, tmp / f"{arch}-dense",
-                                                        sparse_kernels=False)[0]
-            if with_saelens:
-                steppers["SAELens"] = saelens_stepper(arch, timed_steps + 1, autocast, threshold=threshold)[0]
-            speed = race(steppers, batches[:timed_steps + 1])
-            row = [label, f"{speed['nnsae']:,.0f}",
-                   f"{speed['nnsae dense']:,.0f}" if "nnsae dense" in speed else ""]
-            if with_saelens:
-                row += [f"{speed['SAELens']:,.0f}", f"**{speed['nnsae'] / speed['SAELens']:.2f}×**"]
-            rows.append(row)
-    header = ["architecture", "nnsae tok/s", "nnsae dense autograd tok/s"]
-    if with_saelens:
-        header += ["SAELens tok/s", "ratio"]
-    lines += [f"Throughput per architecture (median of {timed_steps} steps after 1 warm-up, lock-step; 'trained-like': "
-              f"~{K} active latents per token, weights held still with lr 1e-7):", "",
-              markdown_table(header, rows)]
+        header += ["SAELens tok/s", "SAELens EV / EV typical", "SAELens L0", "speed ratio"]
+    dtype = "bf16 autocast" if autocast else "fp32"
+    epochs = n_steps * BATCH / acts.shape[0]
+    lines = [f"Training, d_in {D_IN}, d_sae {D_SAE} (8×), batch {BATCH}, {n_steps * BATCH:,} tokens ({n_steps} steps) "
+             f"per run, {epochs:.1f} epochs over {acts.shape[0]:,} {source}, {dtype}, Adam, constant lr; CPU, "
+             f"{machine_line()}", "",
+             f"Whole-run tokens/s (summed step times, lock-step). Quality on {heldout.shape[0]:,} held-out tokens "
+             f"(later text than the training tokens): explained variance (pooled) / the same without massive-norm "
+             f"tokens (norm > 4× median), and mean L0 of the exported inference SAE (BatchTopK: its weights with the "
+             f"batch-level top k·n selection of training, as its EMA threshold has not converged in a short run). "
+             f"ReLU family on the activations × {s:.4f} (mean norm √d_in); 'dense steps': nnsae steps run on the "
+             f"dense path (latents not yet sparse enough for the sparse kernels).", "", markdown_table(header, rows)]
+    if not with_saelens:
+        lines += ["", "SAELens columns skipped (`--skip-saelens`, or sae-lens is not installed: "
+                      "`pip install -e .[bench]`)."]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epoch-batches", type=int, default=24, help="batches in the TopK quality epoch")
-    parser.add_argument("--timed-steps", type=int, default=3, help="timed steps per architecture")
-    parser.add_argument("--activations", type=Path, default=None, help="safetensors file with 'acts' [n, d_in]")
-    parser.add_argument("--harvest", type=int, default=0, help="harvest this many SmolLM2 tokens into --activations")
+    parser.add_argument("--tokens", type=float, default=409_600, help="training tokens per run (whole batches)")
+    parser.add_argument("--distinct", type=float, default=131_072, help="distinct training activations (cycled, "
+                                                                         "reshuffled every epoch)")
+    parser.add_argument("--heldout", type=int, default=16_384, help="held-out tokens for EV and L0")
+    parser.add_argument("--archs", nargs="*", choices=list(ARCHS), default=DEFAULT_ARCHS)
+    parser.add_argument("--data", choices=("smollm2", "synthetic"), default="smollm2")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="activation cache (smollm2 data)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in both trainers (default fp32)")
     parser.add_argument("--skip-saelens", action="store_true")
     args = parser.parse_args()
-    n = (args.epoch_batches + 1) * BATCH
-    if args.harvest:
-        path = args.activations or Path("smollm2-l6-acts.safetensors")
-        acts, source = harvested_activations(max(args.harvest, n), path), f"SmolLM2-135M {HOOK} activations"
-    elif args.activations:
-        from safetensors.torch import load_file
-
-        acts, source = load_file(args.activations)["acts"].float(), f"activations from {args.activations}"
-    else:
+    n_steps = max(1, int(args.tokens) // BATCH)
+    n_train = max(BATCH, int(args.distinct) // BATCH * BATCH)
+    n = n_train + args.heldout
+    if args.data == "synthetic":
         acts, source = synthetic_activations(n), "synthetic sparse-dictionary activations"
-    if acts.shape[1] != D_IN or acts.shape[0] < 2 * BATCH:
-        raise SystemExit(f"need at least {2 * BATCH} activations of width {D_IN}, got {tuple(acts.shape)}")
-    heldout, acts = acts[-BATCH:], acts[:-BATCH]
-    epoch = min(args.epoch_batches, acts.shape[0] // BATCH)
+    else:
+        acts, source = real_activations(n, args.cache_dir), f"SmolLM2-135M `{HOOK}` output activations (offline text)"
     with_saelens = not args.skip_saelens
     if with_saelens:
         try:
             import sae_lens  # noqa: F401
         except ImportError:
+            print("note: sae-lens is not installed (pip install -e .[bench]); SAELens columns are skipped.")
             with_saelens = False
-    print(run(acts, heldout, epoch, min(args.timed_steps, epoch - 1), with_saelens, source))
+    heldout = acts[n_train:n]  # the text after the training part
+    print(run(acts[:n_train], heldout, n_steps, args.archs, with_saelens, source, args.bf16))
 
 
 if __name__ == "__main__":

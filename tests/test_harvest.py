@@ -177,3 +177,14 @@ def test_activation_cache_is_reused_resumed_and_checked(tok, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again, reference))
     with pytest.raises(ValueError, match="other settings.*context_size"):
         make_store(tok, model, cache_dir=tmp_path / "cache", context_size=8)
+
+
+def test_permuted_cat_equals_cat_then_index():
+    # The store's refill builds its shuffled buffer without the concatenated copy; it must be the same tensor.
+    from nnsae.harvest import _permuted_cat
+
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 5, generator=g) for n in (7, 1, 12, 4)]
+    perm = torch.randperm(24, generator=g)
+    expected = torch.cat(parts)[perm]
+    assert torch.equal(_permuted_cat(list(parts), perm), expected)

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nnsae.config import SAEMetadata
+from nnsae.harvest import release_free_memory
 from nnsae.saes import SAE
 from nnsae.train import checkpoint as ckpt
 from nnsae.train.architectures import make_training_sae
@@ -327,6 +328,8 @@ class Trainer:
         run.n_tokens += run.batch_tokens
         if run.n_steps % cfg.log_every == 0 or run.n_steps == run.total_steps:
             run.last = self._metrics(run, out, lr, coefficients)
+        del out
+        release_free_memory()  # the step's freed temporaries, so the next step's do not stack on heap holes
 
     def _divergence_message(self, run: _Run, out: StepOutput, loss: float) -> str:
         parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.losses.items())
