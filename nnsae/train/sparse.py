@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from nnsae.kernels import row_topk  # noqa: F401  (shared with inference; nnsae.train.sparse.row_topk)
-
 
 class Pattern:
     """The (row, col) entries of a sparse (n_rows × n_cols) activation matrix, sorted by row."""

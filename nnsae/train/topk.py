@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nnsae import kernels
 from nnsae.saes import SAE
 from nnsae.train import sparse
 from nnsae.train.base import StepContext, StepOutput, TrainingSAE, mse
@@ -77,11 +78,11 @@ class TopKTrainingSAE(TrainingSAE):
         n_rows, n_cols = h.shape
         k = int(self.cfg.k)
         if not self.refine:
-            pattern = Pattern.from_topk(sparse.row_topk(self.key(h), k), n_cols)
+            pattern = Pattern.from_topk(kernels.row_topk(self.key(h), k), n_cols)
             return pattern, self.raw_values(x, h, pattern, norms)
         # Ties and rounding in bf16 would bias the choice; the top 2k by bf16 contain the exact top k.
         m = min(2 * k, n_cols)
-        candidates = sparse.row_topk(self.key(h), m)
+        candidates = kernels.row_topk(self.key(h), m)
         raw = self.raw_values(x, h, Pattern.from_topk(candidates, n_cols), norms).view(n_rows, m)
         exact = raw * norms[candidates] if norms is not None else raw
         pos = torch.topk(self.key(exact), k, dim=-1, sorted=False).indices
@@ -99,7 +100,7 @@ class TopKTrainingSAE(TrainingSAE):
             return None
         k_aux = self.d_in // 2
         scale = min(n_dead / k_aux, 1.0)
-        pos = sparse.row_topk(self.key(h.index_select(1, dead_idx)), min(k_aux, n_dead))
+        pos = kernels.row_topk(self.key(h.index_select(1, dead_idx)), min(k_aux, n_dead))
         pattern = Pattern.from_topk(dead_idx[pos], h.shape[1])
         return pattern, self.raw_values(x, h, pattern, norms), scale
 
