@@ -183,10 +183,14 @@ class ActivationStore:
 
     def metadata(self, hook: str) -> dict[str, Any]:
         point = self.harvester.points[self.hooks.index(hook)]
+        # A module path as hook_name means that module's output to SAELens (HookedProxyLM, which it selects by
+        # model_class_name="AutoModelForCausalLM"); inputs only have an hf_hook_name.
+        proxy = {"model_class_name": "AutoModelForCausalLM"} if not is_tl_hook_name(hook) and point.io == "output" else {}
         return {
             "model_name": self.model_name,
             "hook_name": hook if is_tl_hook_name(hook) else point.module,
             "hf_hook_name": f"{point.module}.{point.io}",
+            **proxy,
             "context_size": self.context_size,
             "prepend_bos": self.prepend_bos,
             "dataset_path": self.dataset if isinstance(self.dataset, str) else None,

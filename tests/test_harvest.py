@@ -150,6 +150,9 @@ def test_store_metadata_and_errors(tok):
     meta = store.metadata("blocks.1.hook_resid_post")
     assert meta["hook_name"] == "blocks.1.hook_resid_post" and meta["hf_hook_name"] == "transformer.h.1.output"
     assert meta["context_size"] == 16 and meta["exclude_special_tokens"] is True
+    assert "model_class_name" not in meta  # a TransformerLens name: SAELens' default HookedTransformer reading
+    by_path = store.metadata("transformer.h.0")
+    assert by_path["hook_name"] == "transformer.h.0" and by_path["model_class_name"] == "AutoModelForCausalLM"
     assert store.d_in("transformer.h.0") == 64
     with pytest.raises(ValueError, match="No module"):
         ActivationStore(tiny_model("gpt2"), ["transformer.h.9"], TEXTS, tokenizer=tok)

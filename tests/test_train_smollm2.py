@@ -56,6 +56,8 @@ def test_real_run_halves_mse(arch, smollm2, cache):
     loaded = nnsae.SAE.load_from_disk(cache / "runs" / arch / arch)
     assert loaded.cfg.architecture == ("jumprelu" if "batchtopk" in arch else arch)
     assert loaded.cfg.metadata.hf_hook_name == "model.layers.6.output"
+    assert loaded.cfg.metadata.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"  # not this machine's folder
+    assert loaded.cfg.metadata.model_class_name == "AutoModelForCausalLM"  # hook_name is the HF module path
     fresh = ActivationStore(hf, ["model.layers.6"], "offline", tokenizer=tok, context_size=128,
                             batch_size_tokens=2048, n_batches_in_buffer=4, store_batch_size_prompts=16,
                             cache_dir=cache / "acts")
