@@ -35,7 +35,6 @@ import os
 import queue
 import re
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -51,6 +50,7 @@ from torch import nn
 from nnsae.data import OFFLINE, Chunk, iter_documents, pack, special_token_ids
 from nnsae.harvest import Harvester, as_nnsight, hf_module
 from nnsae.hooks import HookPoint, resolve_hook
+from nnsae.io.files import atomic_write
 from nnsae.saes import SAE
 from nnsae.saes.topk import TopKSAE
 
@@ -235,18 +235,7 @@ def _cfg_sans_device(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through `write(tmp_path)` to a temp file beside `path`, fsync it, then os.replace it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX + path.name + ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write, prefix=_TMP_PREFIX, fsync=True)  # stray temp files are recognised by the prefix
 
 
 def _fsync_dir(path: Path) -> None:

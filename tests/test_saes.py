@@ -416,3 +416,15 @@ def test_wrong_architecture_keys(tmp_path):
 def test_public_api_exports():
     for name in ("SAE", "SAEConfig", "SAEMetadata", "models"):
         assert hasattr(nnsae, name)
+
+
+def test_saved_files_get_the_permissions_a_plain_open_gives(tmp_path):
+    # Atomic writes go through mkstemp (mode 0600); saved SAEs must be as readable as any file the user writes.
+    import os
+
+    sae = SAE.from_config(SAEConfig(d_in=8, d_sae=16, architecture="standard"))
+    sae.save_model(tmp_path / "sae")
+    (tmp_path / "plain").write_text("x")
+    expected = os.stat(tmp_path / "plain").st_mode & 0o777
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        assert os.stat(tmp_path / "sae" / name).st_mode & 0o777 == expected, name

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -17,6 +15,7 @@ from nnsae.dashboard.logits import LogitEffectsUnavailable, logit_lens
 from nnsae.dashboard.schema import SCHEMA, SCHEMA_VERSION
 from nnsae.dashboard.tokens import TokenRenderer, display
 from nnsae.data import OFFLINE
+from nnsae.io.files import atomic_write
 from nnsae.neuronpedia import NEURONPEDIA_DOMAIN
 from nnsae.saes import SAE
 
@@ -33,15 +32,7 @@ def _finite(x: float) -> float:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _dump(data: Any) -> str:
