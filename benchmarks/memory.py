@@ -138,7 +138,7 @@ def run(budgets: list[int]) -> str:
                      f"{peak / MB:,.0f} ({r['peak_source']})", f"{r['process_peak_kb'] / 1024:,.0f}",
                      f"{children_peak / 1024:,.0f}", f"{(peak - baseline_bytes) / MB:,.0f}",
                      f"**{peak / budget:.2f}×**"])
-        print(f"  {tokens}: {rows[-1]}", flush=True)
+        print(f"  {tokens}: {rows[-1]}", file=sys.stderr, flush=True)  # progress; the report goes to stdout
     other = baseline_bytes - base["model_bytes"]
     lines = [
         f"Peak memory of `nnsae {' '.join(TRAIN_ARGS)} --tokens N` (CPU, {machine_line()}).", "",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -299,7 +300,7 @@ def run(acts: torch.Tensor, heldout: torch.Tensor, n_steps: int, archs: list[str
             row += [f"{speed['SAELens']:,.0f}", f"{quality['SAELens'][0]:.4f} / {quality['SAELens'][1]:.4f}",
                     f"{quality['SAELens'][2]:.1f}", f"**{speed['nnsae'] / speed['SAELens']:.2f}×**"]
         rows.append(row)
-        print(f"  {arch}: {row}", flush=True)
+        print(f"  {arch}: {row}", file=sys.stderr, flush=True)  # progress; the report goes to stdout
     header = ["architecture", "hyper-parameters (both)", "nnsae tok/s", "nnsae EV / EV typical", "nnsae L0",
               "nnsae dense steps"]
     if with_saelens:
