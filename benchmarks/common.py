@@ -11,20 +11,10 @@ from typing import Callable
 import torch
 
 
-def median_time(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time of `fn()` in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> dict[str, float]:
-    """Median times of several functions measured round-robin, so drift on the machine hits all alike."""
+def interleaved_samples(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1
+                        ) -> dict[str, list[float]]:
+    """Wall times (s) of several functions measured round-robin, one per round, so drift on the machine hits all
+    alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -34,7 +24,17 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 7, wa
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
+    return samples
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> dict[str, float]:
+    """Median times of `interleaved_samples`."""
+    return {name: statistics.median(ts) for name, ts in interleaved_samples(fns, repeats, warmup).items()}
+
+
+def median_ratio(samples: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over rounds of time(numerator) / time(denominator): robust to a slow round hitting one side."""
+    return statistics.median(a / b for a, b in zip(samples[numerator], samples[denominator]))
 
 
 def machine_line() -> str:

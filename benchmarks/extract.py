@@ -5,7 +5,8 @@ For 1 SAE (layer 6) and 3 SAEs (layers 3, 6, 9) — random TopK SAEs, d_sae 4608
 
 * forward: the HF model with a forward hook on the deepest layer that raises (embed + layers[:L+1]);
 * forward + encode: the same plus the bare SAE math on the captured activations (`x @ W_enc + b_enc`, top-k) —
-  the compute any extraction must do (each of these SAEs costs about 3/4 of a SmolLM2 layer);
+  the compute a float32 extraction must do (each of these SAEs costs about 3/4 of a SmolLM2 layer), so
+  `(forward + encode) / forward` is the ceiling of any extraction that evaluates the encoder densely in float32;
 * `nnsae.extract` end to end: packing, the nnsight harvest, encoding, per-token lists, streaming statistics and
   top contexts, parquet shard, statistics state, final statistics and manifest writes (with fsync);
 * `nnsae.extract` steady state: the end-to-end time minus the one-time cost of a call (an extraction of a single
@@ -114,12 +115,13 @@ def run(n_tokens: int = 4096, repeats: int = 2, threads: int = 1) -> str:
             fwd, floor, e2e = (tokens / best[k] for k in ("forward", "floor", "extract"))
             steady = (tokens - CTX) / max(best["extract"] - best["setup"], 1e-9)
             rows.append([label, f"{fwd:,.0f}", f"{floor:,.0f}", f"{e2e:,.0f}", f"{best['setup']:.2f}",
-                         f"{steady:,.0f}", f"{e2e / fwd:.2f}×", f"{steady / fwd:.2f}×", f"{steady / floor:.2f}×"])
+                         f"{steady:,.0f}", f"{e2e / fwd:.2f}×", f"{steady / fwd:.2f}×", f"{floor / fwd:.2f}×",
+                         f"{steady / floor:.2f}×"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     header = ["SAEs", "HF forward tok/s", "forward + bare encode tok/s", "extract end-to-end tok/s",
               "one-time cost s", "extract steady tok/s", "end-to-end / forward", "steady / forward",
-              "steady / (forward + encode)"]
+              "(forward + encode) / forward", "steady / (forward + encode)"]
     return (f"Feature extraction, SmolLM2-135M, {tokens} tokens (context {CTX}, {BATCH} prompts per batch), random "
             f"TopK SAEs d_sae {D_SAE} k {K}; best of {repeats}; model load {load_s:.0f} s (float32, CPU; "
             f"{machine_line()})\n\n" + markdown_table(header, rows))

@@ -173,6 +173,7 @@ class ActivationStore:
         self.state = StoreState()
         self.generator = torch.Generator().manual_seed(seed)
         self.buffer: list[torch.Tensor] | None = None
+        self.order: torch.Tensor | None = None  # live buffer rows, in serving order
         self._chunks: Iterator[Chunk] | None = None
         self.cache = ActivationCache(Path(cache_dir), self._cache_settings()) if cache_dir is not None else None
 
@@ -256,29 +257,35 @@ class ActivationStore:
         return acts
 
     def _refill(self) -> None:
-        served = self.state.batches_in_round * self.batch_size_tokens
-        if self.buffer is not None:
-            # Copy the unserved half out and drop the old buffer before harvesting, so at most the kept half, the new
-            # harvests and the new buffer are alive at once (≈2 buffers; cat + permuted copy next to the old buffer
-            # needed ≈3.5).
-            parts = [[b[served:].clone()] for b in self.buffer]
-            self.buffer = None
+        # The buffer is allocated once, with room for one harvest batch past `buffer_tokens`, and never copied:
+        # `order` lists its live rows in serving order. The rows served last round are dead slots that the next
+        # harvests overwrite; the new order is a random permutation of [kept rows, new rows] — the rows, and the
+        # order, of `cat(kept, new)[randperm]` without building that concatenation (peak memory ≈ one buffer).
+        if self.buffer is None:
+            capacity = self.buffer_tokens + self.store_batch_size_prompts * self.context_size
+            self.buffer = [torch.zeros(capacity, width, dtype=self.dtype, device=self.device)
+                           for width in self.harvester.widths]  # zeros: checkpoints hold no uninitialised bytes
+            kept = torch.empty(0, dtype=torch.long, device=self.device)
         else:
-            parts = [[] for _ in self.hooks]
-        n = parts[0][0].shape[0] if parts[0] else 0
-        while n < self.buffer_tokens:
+            kept = self.order[self.state.batches_in_round * self.batch_size_tokens:]
+        free = torch.ones(self.buffer[0].shape[0], dtype=torch.bool, device=self.device)
+        free[kept] = False
+        free = free.nonzero().squeeze(1)
+        n_new = 0
+        while kept.numel() + n_new < self.buffer_tokens:
             batch = self._next_activations()
             if batch is None:
                 self.state.exhausted = True
                 break
-            for part, acts in zip(parts, batch):
-                part.append(acts)
-            n += parts[0][-1].shape[0]
-        perm = torch.randperm(n, generator=self.generator).to(self.device)
-        self.buffer = [_permuted_cat(p, perm) if p else torch.empty(0) for p in parts]
+            slots = free[n_new:n_new + batch[0].shape[0]]
+            for buf, acts in zip(self.buffer, batch):
+                buf.index_copy_(0, slots, acts)
+            n_new += slots.numel()
+        live = torch.cat([kept, free[:n_new]])
+        self.order = live[torch.randperm(live.numel(), generator=self.generator).to(self.device)]
         release_free_memory()
         # Serve half and keep half for mixing; once the data has run out, serve everything left.
-        servable = n if self.state.exhausted else n // 2
+        servable = live.numel() if self.state.exhausted else live.numel() // 2
         self.state.batches_in_round = servable // self.batch_size_tokens
         self.state.next_batch = 0
 
@@ -292,7 +299,8 @@ class ActivationStore:
                     return
             i, b = self.state.next_batch, self.batch_size_tokens
             self.state.next_batch += 1
-            yield {hook: buf[i * b:(i + 1) * b] for hook, buf in zip(self.hooks, self.buffer)}
+            rows = self.order[i * b:(i + 1) * b]
+            yield {hook: buf.index_select(0, rows) for hook, buf in zip(self.hooks, self.buffer)}
 
     # ---- resume ------------------------------------------------------------------------------------------------
 
@@ -302,6 +310,7 @@ class ActivationStore:
                                      world_size=self.world_size)
         if self.buffer is not None:
             state["buffer"] = {hook: buf for hook, buf in zip(self.hooks, self.buffer)}
+            state["order"] = self.order
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -312,6 +321,7 @@ class ActivationStore:
         self.generator.set_state(state["rng"])
         buffer = state.get("buffer")
         self.buffer = [buffer[h].to(self.device, self.dtype) for h in self.hooks] if buffer is not None else None
+        self.order = state["order"].to(self.device) if buffer is not None else None
         self._chunks = None  # re-opened lazily at state.chunks_consumed
 
 
@@ -332,20 +342,6 @@ def release_free_memory() -> None:
 
 
 _malloc_trim: Any = None
-
-
-def _permuted_cat(parts: list[torch.Tensor], perm: torch.Tensor) -> torch.Tensor:
-    """`torch.cat(parts)[perm]` without materialising the concatenation: row j of the concatenation goes to
-    position inv[j] (inv = perm⁻¹). `parts` is emptied as it is consumed, so each part is freed once copied."""
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    out = torch.empty(perm.numel(), *parts[0].shape[1:], dtype=parts[0].dtype, device=parts[0].device)
-    start = 0
-    while parts:
-        part = parts.pop(0)
-        out.index_copy_(0, inv[start:start + part.shape[0]], part)
-        start += part.shape[0]
-    return out
 
 
 class ActivationCache:

@@ -182,12 +182,28 @@ def test_activation_cache_is_reused_resumed_and_checked(tok, tmp_path):
         make_store(tok, model, cache_dir=tmp_path / "cache", context_size=8)
 
 
-def test_permuted_cat_equals_cat_then_index():
-    # The store's refill builds its shuffled buffer without the concatenated copy; it must be the same tensor.
-    from nnsae.harvest import _permuted_cat
-
-    g = torch.Generator().manual_seed(0)
-    parts = [torch.randn(n, 5, generator=g) for n in (7, 1, 12, 4)]
-    perm = torch.randperm(24, generator=g)
-    expected = torch.cat(parts)[perm]
-    assert torch.equal(_permuted_cat(list(parts), perm), expected)
+def test_store_mixing_is_saelens_cat_then_shuffle_then_serve_half(tok):
+    # The store fills the served slots of one preallocated buffer instead of concatenating; what it serves must be
+    # exactly the plain scheme: cat(kept half, new harvests), permute with the store's generator, serve half.
+    model = tiny_model("gpt2")
+    store = make_store(tok, model)
+    served = [b["transformer.h.0"] for b in store]
+    hook = store.hooks.index("transformer.h.0")
+    chunks = list(store.chunks())
+    harvests = [store.harvest(chunks[i:i + 3])[hook] for i in range(0, len(chunks), 3)]
+    g = torch.Generator().manual_seed(1)
+    expected, kept, exhausted = [], torch.empty(0, 64), False
+    while not exhausted:
+        parts = [kept]
+        while sum(p.shape[0] for p in parts) < 4 * 32 and not exhausted:
+            if harvests:
+                parts.append(harvests.pop(0))
+            else:
+                exhausted = True
+        buf = torch.cat(parts)
+        buf = buf[torch.randperm(buf.shape[0], generator=g)]
+        n_serve = (buf.shape[0] if exhausted else buf.shape[0] // 2) // 32 * 32
+        expected += list(buf[:n_serve].split(32))
+        kept = buf[n_serve:]
+    assert len(served) == len(expected) > 4
+    assert all(torch.equal(a, b) for a, b in zip(served, expected))
