@@ -16,7 +16,8 @@ The ReLU family (standard, jumprelu, gated) trains on the activations scaled to 
 `expected_average_only_in`, applied once to the data for both trainers), where their L1/L0 coefficients have
 their usual meaning; the TopK family trains on the raw activations.
 
-Run: `python -m benchmarks.train [--tokens 409600] [--archs topk batchtopk jumprelu standard] [--skip-saelens]`.
+Run: `python -m benchmarks.train [--tokens 409600] [--archs topk batchtopk jumprelu standard] [--skip-saelens]
+[--seed 0]`.
 SAELens columns need `pip install -e .[bench]` (sae-lens==6.54.12); without it they are skipped with a note.
 """
 
@@ -150,12 +151,13 @@ class MemoryStore:
 Stepper = tuple[Callable[[torch.Tensor], None], Callable[[Path], Path]]
 
 
-def nnsae_stepper(arch: str, steps: int, autocast: bool, out: Path, stats: dict[str, int]) -> Stepper:
+def nnsae_stepper(arch: str, steps: int, autocast: bool, out: Path, stats: dict[str, int], seed: int = 42
+                  ) -> Stepper:
     """(step(x), export(dir) → dir of the inference SAE). `stats["dense_steps"]` counts steps of the ReLU family
     that ran on the dense path (before the latents became sparse enough for the sparse kernels)."""
     extra = dict(ARCHS[arch])
     cfg = TrainConfig(architecture=arch, hook=HOOK, d_sae=D_SAE, training_tokens=steps * BATCH, autocast=autocast,
-                      log_every=10 ** 9, **extra)
+                      log_every=10 ** 9, seed=seed, **extra)
     trainer = Trainer(None, cfg, MemoryStore(torch.zeros(BATCH, D_IN)), out, progress=False)
     trainer.build()
     model = trainer.runs[0].model
@@ -177,7 +179,7 @@ def nnsae_stepper(arch: str, steps: int, autocast: bool, out: Path, stats: dict[
     return step, export
 
 
-def saelens_stepper(arch: str, steps: int, autocast: bool) -> Stepper:
+def saelens_stepper(arch: str, steps: int, autocast: bool, seed: int = 42) -> Stepper:
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
@@ -204,7 +206,7 @@ def saelens_stepper(arch: str, steps: int, autocast: bool) -> Stepper:
     sae_cls, cfg_cls = classes[arch]
     extra = dict(ARCHS[arch])
     lr = extra.pop("lr")
-    torch.manual_seed(42)  # nnsae's training init reproduces SAELens' under the same seed
+    torch.manual_seed(seed)  # nnsae's training init reproduces SAELens' under the same seed
     sae = sae_cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, **extra))
     trainer = SAETrainer(SAETrainerConfig(total_training_samples=steps * BATCH, train_batch_size_samples=BATCH,
                                           lr=lr, lr_end=lr / 10, autocast=autocast,
@@ -278,7 +280,7 @@ def scaled_for_relu(acts: torch.Tensor) -> tuple[torch.Tensor, float]:
 # ---- the report ---------------------------------------------------------------------------------------------------
 
 def run(acts: torch.Tensor, heldout: torch.Tensor, n_steps: int, archs: list[str], with_saelens: bool, source: str,
-        autocast: bool) -> str:
+        autocast: bool, seed: int = 0) -> str:
     relu_acts, s = scaled_for_relu(acts) if any(a in RELU_FAMILY for a in archs) else (acts, 1.0)
     tmp = Path(tempfile.mkdtemp(prefix="nnsae-bench-"))
     rows = []
@@ -286,10 +288,12 @@ def run(acts: torch.Tensor, heldout: torch.Tensor, n_steps: int, archs: list[str
         data, held = (relu_acts, heldout * s) if arch in RELU_FAMILY else (acts, heldout)
         stats: dict[str, float] = {}
         steppers, exports = {}, {}
-        steppers["nnsae"], exports["nnsae"] = nnsae_stepper(arch, n_steps, autocast, tmp / arch / "nnsae-run", stats)
+        init_seed = 42 + seed  # the same SAE initialisation in both trainers
+        steppers["nnsae"], exports["nnsae"] = nnsae_stepper(arch, n_steps, autocast, tmp / arch / "nnsae-run", stats,
+                                                            init_seed)
         if with_saelens:
-            steppers["SAELens"], exports["SAELens"] = saelens_stepper(arch, n_steps, autocast)
-        speed, _ = race(steppers, training_batches(data, n_steps))
+            steppers["SAELens"], exports["SAELens"] = saelens_stepper(arch, n_steps, autocast, init_seed)
+        speed, _ = race(steppers, training_batches(data, n_steps, seed))
         batch_k = float(ARCHS[arch]["k"]) if "batchtopk" in arch else None
         quality = {name: heldout_quality(export(tmp / arch / name), held, batch_k) for name, export in exports.items()}
         hp = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in ARCHS[arch].items())
@@ -308,8 +312,8 @@ def run(acts: torch.Tensor, heldout: torch.Tensor, n_steps: int, archs: list[str
     dtype = "bf16 autocast" if autocast else "fp32"
     epochs = n_steps * BATCH / acts.shape[0]
     lines = [f"Training, d_in {D_IN}, d_sae {D_SAE} (8×), batch {BATCH}, {n_steps * BATCH:,} tokens ({n_steps} steps) "
-             f"per run, {epochs:.1f} epochs over {acts.shape[0]:,} {source}, {dtype}, Adam, constant lr; CPU, "
-             f"{machine_line()}", "",
+             f"per run, {epochs:.1f} epochs over {acts.shape[0]:,} {source}, {dtype}, Adam, constant lr, "
+             f"seed {seed}; CPU, {machine_line()}", "",
              f"Whole-run tokens/s (summed step times, lock-step). Quality on {heldout.shape[0]:,} held-out tokens "
              f"(later text than the training tokens): explained variance (pooled) / the same without massive-norm "
              f"tokens (norm > 4× median), and mean L0 of the exported inference SAE (BatchTopK: its weights with the "
@@ -333,6 +337,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="activation cache (smollm2 data)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in both trainers (default fp32)")
     parser.add_argument("--skip-saelens", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="batch order N and SAE initialisation 42 + N (the same "
+                                                            "in both trainers): repeat with other seeds for the spread")
     args = parser.parse_args()
     n_steps = max(1, int(args.tokens) // BATCH)
     n_train = max(BATCH, int(args.distinct) // BATCH * BATCH)
@@ -349,7 +355,7 @@ def main() -> None:
             print("note: sae-lens is not installed (pip install -e .[bench]); SAELens columns are skipped.")
             with_saelens = False
     heldout = acts[n_train:n]  # the text after the training part
-    print(run(acts[:n_train], heldout, n_steps, args.archs, with_saelens, source, args.bf16))
+    print(run(acts[:n_train], heldout, n_steps, args.archs, with_saelens, source, args.bf16, args.seed))
 
 
 if __name__ == "__main__":
