@@ -317,6 +317,9 @@ class ActivationStore:
         if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
             raise ValueError(f"Store state is for rank {state['rank']}/{state['world_size']}, this store is "
                              f"{self.rank}/{self.world_size}.")
+        if state.get("buffer") is not None and "order" not in state:
+            raise ValueError("This store state has a mixing buffer but no serving order: it was written by an older "
+                             "nnsae store. Start the run again in a new output directory.")
         self.state = StoreState(**{k: state[k] for k in vars(StoreState())})
         self.generator.set_state(state["rng"])
         buffer = state.get("buffer")

@@ -143,6 +143,9 @@ def test_store_resume_gives_the_same_batches(tok):
     assert len(first) + len(rest) == len(reference)
     for a, b in zip(first + rest, reference):
         assert torch.equal(a, b)
+    del state["order"]
+    with pytest.raises(ValueError, match="no serving order"):
+        make_store(tok, model).load_state_dict(state)
 
 
 def test_store_metadata_and_errors(tok):
