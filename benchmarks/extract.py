@@ -13,8 +13,8 @@ For 1 SAE (layer 6) and 3 SAEs (layers 3, 6, 9) — random TopK SAEs, d_sae 4608
   128-token chunk: hook resolution and the harvester's probe forward, fingerprints, final statistics files), i.e.
   the throughput of a long run.
 
-Run: `python -m benchmarks.extract [--tokens 4096] [--repeats 2] [--threads 1]`. Measurements are repeated
-round-robin and the fastest repeat is kept. One torch thread by default: the ratios then measure work rather than
+Run: `python -m benchmarks.extract [--tokens 8192] [--repeats 5] [--threads 1]`. Measurements are repeated
+round-robin after a warm-up; times are medians and ratios medians of per-round ratios. One torch thread by default: the ratios then measure work rather than
 how a shared machine schedules OpenMP threads (`--threads 0` keeps torch's default).
 """
 
@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_line, markdown_table
+from benchmarks.common import interleaved_samples, machine_line, markdown_table, median_ratio
 from nnsae import SAE, SAEConfig
 from nnsae.data import OFFLINE, iter_documents, pack
 from nnsae.extract import extract
@@ -76,7 +77,7 @@ def truncated_forward(model, batches: list[torch.Tensor], layers: list[int], sae
             h.remove()
 
 
-def run(n_tokens: int = 4096, repeats: int = 2, threads: int = 1) -> str:
+def run(n_tokens: int = 8192, repeats: int = 5, threads: int = 1) -> str:
     from nnsae.models import load_smollm2
 
     if threads:
@@ -88,7 +89,6 @@ def run(n_tokens: int = 4096, repeats: int = 2, threads: int = 1) -> str:
     chunks = list(itertools.islice(pack(iter_documents(OFFLINE), tokenizer, CTX), n_chunks))
     batches = [torch.stack([c.tokens for c in chunks[i:i + BATCH]]) for i in range(0, n_chunks, BATCH)]
     tokens = n_chunks * CTX
-    truncated_forward(model, batches[:1], [9])  # warm-up
     tmp = Path(tempfile.mkdtemp(prefix="nnsae-bench-extract-"))
 
     def extraction(saes: list[SAE], n: int) -> None:
@@ -100,37 +100,36 @@ def run(n_tokens: int = 4096, repeats: int = 2, threads: int = 1) -> str:
     try:
         for label, layers in CONFIGS.items():
             saes = [make_sae(L) for L in layers]
-            runs = {
+            samples = interleaved_samples({
                 "forward": lambda: truncated_forward(model, batches, layers),
                 "floor": lambda: truncated_forward(model, batches, layers, saes),
                 "extract": lambda: extraction(saes, tokens),
                 "setup": lambda: extraction(saes, CTX),
-            }
-            best = {name: float("inf") for name in runs}
-            for _ in range(repeats):
-                for name, fn in runs.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    best[name] = min(best[name], time.perf_counter() - t0)
-            fwd, floor, e2e = (tokens / best[k] for k in ("forward", "floor", "extract"))
-            steady = (tokens - CTX) / max(best["extract"] - best["setup"], 1e-9)
-            rows.append([label, f"{fwd:,.0f}", f"{floor:,.0f}", f"{e2e:,.0f}", f"{best['setup']:.2f}",
-                         f"{steady:,.0f}", f"{e2e / fwd:.2f}×", f"{steady / fwd:.2f}×", f"{floor / fwd:.2f}×",
-                         f"{steady / floor:.2f}×"])
+            }, repeats=repeats)
+            per_round = [dict(zip(samples, ts)) for ts in zip(*samples.values())]
+            steady = [(tokens - CTX) / max(r["extract"] - r["setup"], 1e-9) for r in per_round]
+            med = {name: statistics.median(ts) for name, ts in samples.items()}
+            rows.append([label, f"{tokens / med['forward']:,.0f}", f"{tokens / med['floor']:,.0f}",
+                         f"{tokens / med['extract']:,.0f}", f"{med['setup']:.2f}", f"{statistics.median(steady):,.0f}",
+                         f"{1 / median_ratio(samples, 'extract', 'forward'):.2f}×",
+                         f"{statistics.median(s * r['forward'] / tokens for s, r in zip(steady, per_round)):.2f}×",
+                         f"{1 / median_ratio(samples, 'floor', 'forward'):.2f}×",
+                         f"{statistics.median(s * r['floor'] / tokens for s, r in zip(steady, per_round)):.2f}×"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     header = ["SAEs", "HF forward tok/s", "forward + bare encode tok/s", "extract end-to-end tok/s",
               "one-time cost s", "extract steady tok/s", "end-to-end / forward", "steady / forward",
               "(forward + encode) / forward", "steady / (forward + encode)"]
     return (f"Feature extraction, SmolLM2-135M, {tokens} tokens (context {CTX}, {BATCH} prompts per batch), random "
-            f"TopK SAEs d_sae {D_SAE} k {K}; best of {repeats}; model load {load_s:.0f} s (float32, CPU; "
-            f"{machine_line()})\n\n" + markdown_table(header, rows))
+            f"TopK SAEs d_sae {D_SAE} k {K}; {repeats} interleaved rounds after a warm-up, medians (ratios: median of "
+            f"per-round ratios); model load {load_s:.0f} s (float32, CPU; {machine_line()})\n\n"
+            + markdown_table(header, rows))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     print(run(args.tokens, args.repeats, args.threads))

@@ -32,10 +32,8 @@ import itertools
 import json
 import math
 import os
-import queue
 import re
 import shutil
-import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -47,6 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from nnsae import native
 from nnsae.data import OFFLINE, Chunk, iter_documents, pack, special_token_ids
 from nnsae.harvest import Harvester, as_nnsight, hf_module
 from nnsae.hooks import HookPoint, resolve_hook
@@ -335,20 +334,21 @@ def _is_plain_topk(sae: SAE) -> bool:
 
 
 def sparse_activations(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every non-zero entry of `sae.encode(x)` for x [n, d_in]: (row, feature, value float32), ordered by (row,
-    feature). Unobserved TopK SAEs skip the dense [n, d_sae] tensors (`TopKSAE.sparse_encode`, same values)."""
+    """Every non-zero entry of `sae.encode(x)` for x [n, d_in]: (row, feature, value float32), ordered by row, then
+    value descending, then feature. Unobserved TopK SAEs skip the dense [n, d_sae] tensors (`TopKSAE.sparse_encode`,
+    same values)."""
     n = x.shape[0]
     if _is_plain_topk(sae):
-        values, indices = sae.sparse_encode(x)
-        indices, order = indices.sort(dim=1)
-        values = values.gather(1, order)
+        values, indices = sae.sparse_encode(x, ordered=True)
         rows = torch.arange(n, device=values.device).unsqueeze(1).expand_as(indices)
         keep = values != 0
         return rows[keep].cpu(), indices[keep].cpu(), values[keep].float().cpu()
     acts = sae.encode(x)
     keep = acts != 0
     rows, feats = keep.nonzero(as_tuple=True)
-    return rows.cpu(), feats.cpu(), acts[keep].float().cpu()
+    rows, feats, vals = rows.cpu(), feats.cpu(), acts[keep].float().cpu()
+    order = _grouped_desc(rows, vals)
+    return rows[order], feats[order], vals[order]
 
 
 def _grouped_desc(groups: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
@@ -362,11 +362,9 @@ def _grouped_desc(groups: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
 def _token_lists(rows: torch.Tensor, feats: torch.Tensor, vals: torch.Tensor, n: int, top_k: int | None
                  ) -> tuple[pa.Array, pa.Array]:
     """Per-token list arrays (indices int32, values float32) sorted by value desc (then feature asc), cut to top_k.
-    Input entries are ordered by (row, feature)."""
-    order = _grouped_desc(rows, vals)
-    rows, feats, vals = rows[order], feats[order], vals[order]
+    Input entries are in that order (`sparse_activations`)."""
     counts = torch.bincount(rows, minlength=n)
-    if top_k is not None:
+    if top_k is not None and rows.numel() and int(counts.max()) > top_k:
         starts = counts.cumsum(0) - counts
         keep = torch.arange(rows.numel()) - starts[rows] < top_k
         feats, vals, counts = feats[keep], vals[keep], counts.clamp(max=top_k)
@@ -418,12 +416,18 @@ class FeatureStats:
 
     def update(self, rows: torch.Tensor, feats: torch.Tensor, vals: torch.Tensor, tokens: torch.Tensor,
                counted: torch.Tensor | None, first_index: int) -> None:
-        """One batch. rows/feats/vals: every non-zero activation, ordered by (row, feature); tokens [B, T];
+        """One batch. rows/feats/vals: every non-zero activation, grouped by ascending row; tokens [B, T];
         counted [B*T] bool: the tokens that enter the statistics (None: all); row r is global token
-        `first_index + r`."""
+        `first_index + r`. By the native kernel when it is available (`nnsae.native`), else torch ops: the same
+        state bit for bit."""
         t = self.t
         t["n_tokens"] += tokens.numel()
         t["n_tokens_counted"] += tokens.numel() if counted is None else int(counted.sum())
+        lib = native.library()
+        if lib is not None:
+            lib.feature_stats(t, rows, feats, vals, tokens, counted, first_index, self.threshold, self.edges,
+                              self.n_top, self.window)
+            return
         mask = vals.abs() > self.threshold
         if counted is not None:
             mask &= counted[rows]
@@ -512,7 +516,8 @@ class FeatureStats:
                 dense.index_fill_(0, where, 0)
             return torch.cat(out_tokens), torch.cat(out_acts)
         # Too large for a dense copy: binary search in the sorted (row, feature) keys (never empty here).
-        keys = rows_all * d + feats_all
+        keys, order = (rows_all * d + feats_all).sort()
+        vals_all = vals_all[order]
         offsets = torch.arange(-w, w + 1)
         zero = torch.zeros((), dtype=vals_all.dtype)
         for start in range(0, rows.numel(), block):
@@ -766,7 +771,9 @@ def _run(out: Path, header: dict[str, Any], named: list[tuple[str, SAE]], point_
                 rows, feats, vals = sparse_activations(sae, x)
                 stat.update(rows, feats, vals, tokens, counted, first_chunk * T)
                 active = vals.abs() > settings["threshold"]
-                columns += _token_lists(rows[active], feats[active], vals[active], n, settings["top_k"])
+                if not bool(active.all()):
+                    rows, feats, vals = rows[active], feats[active], vals[active]
+                columns += _token_lists(rows, feats, vals, n, settings["top_k"])
         return pa.RecordBatch.from_arrays(columns, schema=schema)
 
     from tqdm.auto import tqdm
@@ -774,7 +781,8 @@ def _run(out: Path, header: dict[str, Any], named: list[tuple[str, SAE]], point_
     total = max_chunks * T if max_chunks is not None else None
     bar = tqdm(total=total, initial=done * T, unit="tok", unit_scale=True, desc="extract", disable=not progress,
                dynamic_ncols=True)
-    chunks = _Prefetch(chunks, depth=4 * B)
+    # Data is read in this thread: a background thread parsing and tokenizing holds the GIL against the forward's
+    # Python glue, and measured slower here than reading in line.
     exhausted = False
     try:
         while not exhausted and (max_chunks is None or done < max_chunks):
@@ -796,66 +804,9 @@ def _run(out: Path, header: dict[str, Any], named: list[tuple[str, SAE]], point_
                                    n_chunks, _chunk_digest(last), named, stats, T)
                 done += n_chunks
     finally:
-        chunks.close()
         bar.close()
     _finalize(out, manifest, named, stats, edges, T)
     return out
-
-
-class _Prefetch:
-    """Iterate `items` in a background thread, up to `depth` items ahead, so tokenization and data loading overlap
-    the model (order unchanged; errors re-raised in the consumer)."""
-
-    _END = object()
-
-    def __init__(self, items: Iterator[Any], depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._done = False
-        self._thread = threading.Thread(target=self._fill, args=(items,), daemon=True, name="nnsae-extract-data")
-        self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _fill(self, items: Iterator[Any]) -> None:
-        try:
-            for item in items:
-                if not self._put(item):
-                    return
-            self._put(self._END)
-        except BaseException as e:  # handed to the consumer
-            self._put(_Failure(e))
-
-    def __iter__(self) -> _Prefetch:
-        return self
-
-    def __next__(self) -> Any:
-        if self._done:
-            raise StopIteration
-        item = self._queue.get()
-        if item is self._END:
-            self._done = True
-            raise StopIteration
-        if isinstance(item, _Failure):
-            self._done = True
-            raise item.error
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-class _Failure:
-    def __init__(self, error: BaseException):
-        self.error = error
 
 
 def _chunk_digest(chunk: Chunk) -> str:

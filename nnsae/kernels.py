@@ -4,20 +4,26 @@
 * `topk_preacts`: the k largest entries per row of `(x @ W + b) · scale` (by |·| if `absolute`) and their values,
   without a float32 GEMM where bf16 is fast. A bf16 GEMM ranks every latent, a per-row threshold keeps the few above
   it as candidates, their pre-activations are recomputed in float32, and a row is accepted only if a proven bound on
-  the bf16 error shows no other latent can reach its k-th value; other rows take the dense float32 path.
+  the bf16 error shows no other latent can reach its k-th value; other rows take the dense float32 path. After the
+  GEMM, a native kernel (`nnsae/csrc/bf16_topk.cpp`, built by `nnsae.native`) does the selection on CPU; without a
+  C++ compiler the same steps run as torch ops, with the same results.
 * `sparse_decode`: `Σ_i values_i · W_dec[indices_i]` per row (an `embedding_bag`), the decoder without the dense
   [n, d_sae] activations.
 
 Results equal the dense float32 computation up to float summation order (the selected latents are those a float32
-evaluation in any order selects, ties broken towards the lower index). Plain torch, device- and dtype-agnostic.
+evaluation in any order selects). Plain torch apart from that optional kernel, device- and dtype-agnostic.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # not imported at run time: a by-value SAE shipped to a remote server needs only math and torch
+    from nnsae.native import Kernels
 
 _BF16_EPS = 2.0 ** -8  # bf16 unit roundoff; outputs are bounded with 2u, which also covers truncation
 _TINY = 2.0 ** -126  # smallest normal float32/bf16: bf16 dot instructions flush anything smaller to zero
@@ -102,27 +108,53 @@ def dense_topk(pre: torch.Tensor, k: int, absolute: bool) -> tuple[torch.Tensor,
 
 
 def topk_preacts(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, *, absolute: bool, relu: bool,
-                 scale: torch.Tensor | None = None, weights: _Bf16Weights | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 scale: torch.Tensor | None = None, weights: _Bf16Weights | None = None, ordered: bool = False,
+                 native: Kernels | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices), each (n, k): the k largest pre-activations `h = (x @ W + b) · scale` per row of x (n, d)
     — by |h| if `absolute` — and their float32 values. With `weights` (see `bf16_weights`) latents are ranked by a
     bf16 GEMM and only candidates are recomputed exactly; without, it is the dense computation. With `relu` only
-    the positive values matter (rows with fewer than k positives may return other zero-or-negative entries)."""
+    the positive values matter (rows with fewer than k positives may return other zero-or-negative entries).
+    `ordered`: each row by value descending, then index ascending (else in no particular order). `native`: the
+    compiled kernels (`nnsae.native.library()`), which then select the candidates of float32 CPU inputs."""
     if weights is None or k >= W.shape[1]:
         pre = torch.addmm(b, x, W)
-        return dense_topk(pre * scale if scale is not None else pre, k, absolute)
+        values, indices = dense_topk(pre * scale if scale is not None else pre, k, absolute)
+        return order_rows(values, indices) if ordered else (values, indices)
     n = x.shape[0]
     values = torch.empty(n, k, dtype=x.dtype, device=x.device)
     indices = torch.empty(n, k, dtype=torch.long, device=x.device)
     ok = torch.empty(n, dtype=torch.bool, device=x.device)
+    lib = native if native is not None and _native_fits(x, b, scale, weights) else None
+    if lib is not None:
+        x, b, scale = x.contiguous(), b.contiguous(), scale.contiguous() if scale is not None else None
     for start in range(0, n, _ROWS_PER_BLOCK):
         block = slice(start, start + _ROWS_PER_BLOCK)
-        _bf16_block(x[block], b, k, absolute, relu, scale, weights, values[block], indices[block], ok[block])
+        if lib is not None:
+            _native_block(lib, x[block], b, k, absolute, relu, scale, weights, values[block], indices[block],
+                          ok[block])
+        else:
+            _bf16_block(x[block], b, k, absolute, relu, scale, weights, values[block], indices[block], ok[block])
     bad = (~ok).nonzero().squeeze(1)
     if bad.numel():  # one float32 GEMM for every row the bound could not certify
         pre = torch.addmm(b, x.index_select(0, bad), W)
         values[bad], indices[bad] = dense_topk(pre * scale if scale is not None else pre, k, absolute)
+    if ordered and lib is None:
+        return order_rows(values, indices)
+    if ordered and bad.numel():  # the native kernel's rows come ordered
+        values[bad], indices[bad] = order_rows(values[bad], indices[bad])
     return values, indices
+
+
+def order_rows(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of (values, indices) sorted by value descending, then index ascending."""
+    indices, by_index = indices.sort(dim=-1)
+    values, by_value = values.gather(-1, by_index).sort(dim=-1, descending=True, stable=True)
+    return values, indices.gather(-1, by_value)
+
+
+def _native_fits(x: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None, wts: _Bf16Weights) -> bool:
+    tensors = (x, b, wts.W_t) + ((scale,) if scale is not None else ())
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
 def _group_size(s: int, j: int) -> int:
@@ -133,23 +165,43 @@ def _group_size(s: int, j: int) -> int:
     return g
 
 
+def _bf16_keys(x: torch.Tensor, wts: _Bf16Weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """xa = bf16 [x, 1, 0...] (n, d_pad) and the bf16 ranking keys xa @ Wb (n, s)."""
+    n, d = x.shape
+    xa = torch.empty(n, wts.d_pad, dtype=torch.bfloat16, device=x.device)
+    xa[:, :d] = x
+    xa[:, d] = 1
+    xa[:, d + 1:] = 0
+    return xa, xa @ wts.Wb
+
+
+def _candidates(s: int, k: int) -> tuple[int, int]:
+    """(j, g): the threshold is the j-th largest maximum of s/g strided groups of g latents."""
+    j = min(k + max(32, k), s)  # margin over k: with k + k/2 about 10% of rows failed the bound (dense fallback)
+    return j, _group_size(s, j)
+
+
+def _native_block(lib: Kernels, x: torch.Tensor, b: torch.Tensor, k: int, absolute: bool, relu: bool,
+                  scale: torch.Tensor | None, wts: _Bf16Weights, values: torch.Tensor, indices: torch.Tensor,
+                  ok: torch.Tensor) -> None:
+    """`_bf16_block` by the native kernel (`nnsae/csrc/bf16_topk.cpp`)."""
+    xa, key_b = _bf16_keys(x, wts)
+    j, g = _candidates(wts.Wb.shape[1], k)
+    lib.bf16_topk(x, xa, key_b, wts, b, scale, k, j, g, absolute, relu, values, indices, ok)
+
+
 def _bf16_block(x: torch.Tensor, b: torch.Tensor, k: int, absolute: bool, relu: bool, scale: torch.Tensor | None,
                 wts: _Bf16Weights, values: torch.Tensor, indices: torch.Tensor, ok: torch.Tensor) -> None:
     """Fill values/indices of the rows of x whose selection the bound certifies, and `ok` (which ones those are)."""
     n, d = x.shape
     s = wts.Wb.shape[1]
-    xa = torch.empty(n, wts.d_pad, dtype=torch.bfloat16, device=x.device)
-    xa[:, :d] = x
-    xa[:, d] = 1
-    xa[:, d + 1:] = 0
-    key_b = xa @ wts.Wb  # (n, s) bf16
+    xa, key_b = _bf16_keys(x, wts)
     if absolute:
         key_b = key_b.abs_()
     # Threshold t: the j-th largest maximum of w = s/g strided groups of g latents, so ≥ j latents have key ≥ t (one
     # per group); with ≥ 4j groups, few more than j do. Candidates are exactly the latents with bf16 key ≥ t, all of
     # them in the groups whose maximum is ≥ t.
-    j = min(k + max(32, k), s)  # margin over k: with k + k/2 about 10% of rows failed the bound (dense fallback)
-    g = _group_size(s, j)
+    j, g = _candidates(s, k)
     w = s // g
     maxima = key_b.view(n, g, w).amax(dim=1)
     t = torch.topk(maxima, min(j, w), dim=1, sorted=False).values.amin(dim=1)

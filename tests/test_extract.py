@@ -8,6 +8,7 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnsae import SAE, SAEConfig
+from nnsae import SAE, SAEConfig, native
 from nnsae.data import Document, pack
 from nnsae.extract import extract, histogram_edges, load_feature_stats, load_features, sae_names
 from tests.tiny_models import tiny_model, tiny_tokenizer
@@ -221,6 +222,34 @@ def test_streaming_stats_and_top_contexts_equal_brute_force(setup, reference):
         assert torch.equal(stats["top_chunk_index"], torch.where(index >= 0, index // CTX, -1))
     summary = json.loads((out / "stats" / f"{name}.json").read_text())
     assert summary["n_tokens"] == tokens.numel() and len(summary["histogram_edges"]) == 13
+
+
+@pytest.mark.parametrize("n_top", [0, 3])
+@pytest.mark.parametrize("d", [40, 240])  # ~15 and ~90 entries per token (the kernel scans or binary-searches rows)
+def test_native_and_torch_statistics_reach_the_same_state(monkeypatch, n_top, d):
+    """`FeatureStats.update` by the native kernel and by torch ops: the same state bit for bit, on batches with
+    ties, negative values, entries under the threshold and tokens left out."""
+    B, T = 3, 16
+    states = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("NNSAE_NATIVE", mode)
+        assert (native.library() is not None) == (mode == "1") or shutil.which("c++") is None
+        g = torch.Generator().manual_seed(0)
+        stats = ext.FeatureStats(d, histogram_edges(12), n_top, 4, 0.05)
+        for batch in range(8):
+            acts = torch.randn(B * T, d, generator=g).round(decimals=1)  # rounding makes ties
+            acts[acts.abs() < 0.9] = 0
+            acts[::5] = acts[::5].abs() * 0.04  # under the threshold
+            rows, feats = (acts != 0).nonzero(as_tuple=True)
+            vals = acts[rows, feats]
+            order = ext._grouped_desc(rows, vals)  # extraction's order: row, value desc, feature
+            tokens = torch.randint(0, 50, (B, T), generator=g)
+            counted = tokens.flatten() % 7 != 0 if batch % 2 else None
+            stats.update(rows[order], feats[order], vals[order], tokens, counted, batch * B * T)
+        states[mode] = stats.state_dict()
+    assert states["1"]["n_tokens_counted"] < states["1"]["n_tokens"]
+    for key, value in states["1"].items():
+        assert torch.equal(value, states["0"][key]), key
 
 
 def test_stats_can_leave_special_tokens_out(setup, tmp_path):

@@ -1,13 +1,30 @@
-"""The fast TopK inference kernels against the dense computation, written here independently (float64 references)."""
+"""The fast TopK inference kernels against the dense computation, written here independently (float64 references).
+The bf16 candidate selection runs twice: by the native kernel (`nnsae/csrc`) and by its torch-ops form."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 
-from nnsae import SAE, SAEConfig, kernels
+from nnsae import SAE, SAEConfig, kernels, native
 
 D_IN, K = 24, 6
+
+
+@pytest.fixture(params=["native", "torch"])
+def path(request, monkeypatch):
+    """Which form of the bf16 selection runs: the loaded native kernels (which must build wherever a compiler is) or
+    None, the torch ops (`NNSAE_NATIVE=0` for SAEs)."""
+    monkeypatch.setenv("NNSAE_NATIVE", "1" if request.param == "native" else "0")
+    if request.param == "torch":
+        return None
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the native kernels cannot be built here")
+    lib = native.library()
+    assert lib is not None
+    return lib
 
 
 def reference_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, absolute: bool,
@@ -51,16 +68,16 @@ def random_problem(n: int, s: int, seed: int = 0, big_rows: bool = True):
 @pytest.mark.parametrize("absolute", [False, True])
 @pytest.mark.parametrize("rescale", [False, True])
 @pytest.mark.parametrize("s", [256, 200, 4096])
-def test_bf16_candidates_select_exactly_the_dense_top_k(absolute, rescale, s):
+def test_bf16_candidates_select_exactly_the_dense_top_k(absolute, rescale, s, path):
     x, W, b = random_problem(300, s)
     scale = torch.rand(s) + 0.5 if rescale else None
     weights = kernels._Bf16Weights(W, b, scale)  # forced on, whatever the CPU
     values, indices = kernels.topk_preacts(x, W, b, K, absolute=absolute, relu=not absolute, scale=scale,
-                                           weights=weights)
+                                           weights=weights, native=path)
     check_selection(values, indices, x, W, b, K, absolute, not absolute, scale)
 
 
-def test_bf16_candidates_edge_rows():
+def test_bf16_candidates_edge_rows(path):
     s = 512
     x, W, b = random_problem(64, s, big_rows=False)
     x[0] = 0  # pre = b: ties decided by the bias alone
@@ -70,14 +87,47 @@ def test_bf16_candidates_edge_rows():
     x[2] *= 1e30
     x[3] = -x[3]
     weights = kernels._Bf16Weights(W, b, None)
-    values, indices = kernels.topk_preacts(x, W, b, K, absolute=False, relu=True, weights=weights)
+    values, indices = kernels.topk_preacts(x, W, b, K, absolute=False, relu=True, weights=weights, native=path)
     rows = torch.tensor([i for i in range(64) if i != 1])
     check_selection(values[rows], indices[rows], x[rows], W, b, K, False, True)
     assert (values[0] == 0.5).all()
     # all-negative pre-activations: ReLU gives zeros whichever latents are chosen
     values, indices = kernels.topk_preacts(x[4:8], W, torch.full((s,), -1e6), K, absolute=False, relu=True,
-                                           weights=kernels._Bf16Weights(W, torch.full((s,), -1e6), None))
+                                           weights=kernels._Bf16Weights(W, torch.full((s,), -1e6), None), native=path)
     assert (torch.relu(values) == 0).all()
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_ordered_rows_are_by_value_then_index_and_the_same_on_every_path(absolute, path):
+    x, W, b = random_problem(200, 512, seed=3)
+    b[[40, 8, 24]] = 5.0  # x = 0: three tied top latents, listed by index
+    x[5] = 0
+    weights = kernels._Bf16Weights(W, b, None)
+    runs = [kernels.topk_preacts(x, W, b, K, absolute=absolute, relu=not absolute, weights=w, ordered=True,
+                                 native=path) for w in (weights, None)]  # bf16 candidates, dense float32
+    for values, indices in runs:
+        check_selection(values, indices, x, W, b, K, absolute, not absolute)
+        later = (values[:, 1:] < values[:, :-1]) | ((values[:, 1:] == values[:, :-1])
+                                                    & (indices[:, 1:] > indices[:, :-1]))
+        assert bool(later.all())
+    assert torch.equal(runs[0][1], runs[1][1])
+    torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-5, rtol=1e-5)
+    assert runs[0][1][5, :3].tolist() == [8, 24, 40] and (runs[0][0][5, :3] == 5.0).all()
+
+
+def test_native_kernels_fall_back_when_they_cannot_be_built(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("NNSAE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")  # a compiler that always fails
+    with pytest.warns(RuntimeWarning, match="native kernels unavailable"):
+        assert native.library() is None
+    assert native.library() is None  # decided once, no second warning or build
+    monkeypatch.setattr(kernels, "bf16_is_fast", lambda device, dt: dt == torch.float32)
+    sae = make_sae("topk", 256)
+    x = torch.randn(50, D_IN)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.reconstruct(x).double(), dense_reference(sae, x)[1], atol=1e-4, rtol=1e-5)
+    assert not list(tmp_path.rglob("*.so"))
 
 
 def test_k_equal_to_d_sae_takes_the_dense_path():
@@ -135,7 +185,7 @@ def dense_reference(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 @pytest.mark.parametrize("rescale", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("grad", ["inference_mode", "no_grad"])
-def test_sae_fast_paths_equal_the_dense_math(arch, rescale, dtype, grad, monkeypatch):
+def test_sae_fast_paths_equal_the_dense_math(arch, rescale, dtype, grad, path, monkeypatch):
     monkeypatch.setattr(kernels, "bf16_is_fast", lambda device, dt: dt == torch.float32)
     sae = make_sae(arch, 512, dtype, rescale_acts_by_decoder_norm=rescale)
     x = torch.randn(4, 50, D_IN)

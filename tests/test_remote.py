@@ -8,6 +8,8 @@ blocked from import, and runs them; results must equal the same bodies run local
 
 from __future__ import annotations
 
+import os
+
 import warnings
 
 import nnsight
@@ -114,6 +116,10 @@ def case_mounted():
 def remote():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # The server cannot import nnsae, so an SAE shipped by value runs the torch form of the TopK kernels there
+    # (`nnsae.native` is never referenced by the shipped code); the local runs use it too, to compare bit for bit.
+    native_setting = os.environ.get("NNSAE_NATIVE")
+    os.environ["NNSAE_NATIVE"] = "0"
     try:
         cases = {
             "edit-llama-transformers": (case_edit("llama", "transformers"), "llama", "transformers"),
@@ -126,6 +132,10 @@ def remote():
         }
     finally:
         torch.set_num_threads(threads)
+        if native_setting is None:
+            os.environ.pop("NNSAE_NATIVE")
+        else:
+            os.environ["NNSAE_NATIVE"] = native_setting
     jobs = {name: {"blob": blob, "family": family, "wrapper": wrapper}
             for name, ((_, blob), family, wrapper) in cases.items()}
     results = run_server(jobs)

@@ -55,19 +55,22 @@ class TopKSAE(SAE):
         needs_grad = grad and (x.requires_grad or self.W_enc.requires_grad)
         return not needs_grad and not self.observed(*hooks)
 
-    def sparse_encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sparse_encode(self, x: torch.Tensor, ordered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices), each (..., k): the active features of `encode(x)` without the dense tensors (a value
-        may be 0 where fewer than k pre-activations are positive). Skips `hook_sae_acts_pre`/`_post`."""
+        may be 0 where fewer than k pre-activations are positive), in no particular order or, if `ordered`, by
+        pre-activation descending then index ascending. Skips `hook_sae_acts_pre`/`_post`."""
         sae_in = self.process_sae_in(x)
         flat = sae_in.reshape(-1, sae_in.shape[-1])
         scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
-        weights = None
+        weights = native = None
         if kernels.bf16_is_fast(flat.device, flat.dtype):
             cache = self.__dict__.setdefault("_bf16_cache", {})  # not a buffer: never saved nor pickled
             weights = kernels.bf16_weights(cache, self.W_enc, self.b_enc,
                                            self.W_dec if scale is not None else None, scale)
+            native = _native_kernels()
         values, indices = kernels.topk_preacts(flat, self.W_enc, self.b_enc, self.cfg.k, absolute=self.absolute,
-                                               relu=not self.absolute, scale=scale, weights=weights)
+                                               relu=not self.absolute, scale=scale, weights=weights,
+                                               ordered=ordered, native=native)
         values = values if self.absolute else torch.relu(values)
         return values.view(*sae_in.shape[:-1], -1), indices.view(*sae_in.shape[:-1], -1)
 
@@ -131,3 +134,13 @@ class AbsTopKSAE(TopKSAE):
 
     architecture = "abstopk"
     absolute = True
+
+
+def _native_kernels():
+    """`nnsae.native.library()`, imported here rather than at module level: an SAE shipped by value to a remote
+    server that cannot import nnsae runs in plain torch there (None)."""
+    try:
+        from nnsae import native
+    except ImportError:
+        return None
+    return native.library()

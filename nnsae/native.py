@@ -1,0 +1,167 @@
+"""Native CPU kernels (`nnsae/csrc/*.cpp`), compiled on first use with the system C++ compiler and loaded with ctypes.
+
+No build step and no torch headers: a kernel is plain C++ over raw pointers (a one-second compile), cached under
+`$NNSAE_CACHE` (default `~/.cache/nnsae`) per source, compiler flags and CPU, since `-march=native` code must not
+run on another CPU. Without a compiler (or with `NNSAE_NATIVE=0`) `library()` is None and callers use their plain
+torch path, which computes the same results. Callers pass the loaded `Kernels` along as an argument, so SAE code
+shipped by value to a remote server never references this module (ctypes, subprocess) and runs in pure torch there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
+_i64, _f32, _f64, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "nnsae_bf16_topk": [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _f64, _f64, _f64, _f64, _i64, _i64,
+                        _i64, _int, _int, _ptr, _ptr, _ptr],
+    "nnsae_feature_stats": [_i64, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, _f32, _i64, _ptr, _i64, _i64, _i64,
+                            _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr],
+}
+_STATS_TENSORS = ("firing_count", "activation_sum", "max_activation", "histogram", "top_values", "top_index",
+                  "top_slot", "window_tokens", "window_acts")
+
+
+def _ptr_of(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None and t.numel() else None
+
+
+class Kernels:
+    """The compiled kernels, called with torch tensors (CPU, contiguous, the dtypes each method names)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+
+    def bf16_topk(self, x: torch.Tensor, xa: torch.Tensor, key_b: torch.Tensor, wts: Any, b: torch.Tensor,
+                  scale: torch.Tensor | None, k: int, j: int, g: int, absolute: bool, relu: bool,
+                  values: torch.Tensor, indices: torch.Tensor, ok: torch.Tensor) -> None:
+        """`nnsae.kernels._bf16_block` for float32 x (n, d): rows split over torch's thread count (ctypes releases
+        the GIL, so the parts run in parallel)."""
+        (n, d), s = x.shape, key_b.shape[1]
+
+        def run(lo: int, hi: int) -> None:
+            status = self.lib.nnsae_bf16_topk(
+                hi - lo, d, s, xa.shape[1], key_b[lo].data_ptr(), xa[lo].data_ptr(), x[lo].data_ptr(),
+                wts.W_t.data_ptr(), b.data_ptr(), _ptr_of(scale), wts.norm, wts.err_norm, wts.bf16_norm, wts.abs_max,
+                k, j, g, int(absolute), int(relu), values[lo].data_ptr(), indices[lo].data_ptr(), ok[lo].data_ptr())
+            if status != 0:
+                raise RuntimeError(f"nnsae_bf16_topk rejected its arguments (k={k}, j={j}, g={g}, d_sae={s}).")
+
+        parts = min(torch.get_num_threads(), max(n // 64, 1))
+        bounds = [n * i // parts for i in range(parts + 1)]
+        errors: list[BaseException] = []
+
+        def guarded(lo: int, hi: int) -> None:
+            try:
+                run(lo, hi)
+            except BaseException as error:  # re-raised in the caller's thread
+                errors.append(error)
+
+        threads = [threading.Thread(target=guarded, args=span) for span in zip(bounds[1:-1], bounds[2:])]
+        for thread in threads:
+            thread.start()
+        guarded(bounds[0], bounds[1])
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def feature_stats(self, state: dict[str, torch.Tensor], rows: torch.Tensor, feats: torch.Tensor,
+                      vals: torch.Tensor, tokens: torch.Tensor, counted: torch.Tensor | None, first_index: int,
+                      threshold: float, edges: torch.Tensor, n_top: int, window: int) -> None:
+        """`nnsae.extract.FeatureStats.update` on `state` in place (entries grouped by ascending row)."""
+        rows, feats = rows.to(torch.int64).contiguous(), feats.to(torch.int64).contiguous()
+        vals, tokens = vals.to(torch.float32).contiguous(), tokens.to(torch.int64).contiguous()
+        counted = counted.to(torch.bool).contiguous() if counted is not None else None
+        edges = edges.to(torch.float64).contiguous()
+        B, T = tokens.shape
+        d_sae = state["firing_count"].numel()
+        status = self.lib.nnsae_feature_stats(
+            rows.numel(), _ptr_of(rows), _ptr_of(feats), _ptr_of(vals), B, T, _ptr_of(tokens), _ptr_of(counted),
+            first_index, threshold, d_sae, _ptr_of(edges), edges.numel(), n_top, window,
+            *(_ptr_of(state[key]) for key in _STATS_TENSORS))
+        if status != 0:
+            raise ValueError("FeatureStats.update: entries must be grouped by ascending row, inside the batch, with "
+                             f"features below d_sae={d_sae}.")
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()}|{platform.processor()}|{flags.strip()}"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NNSAE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nnsae"
+    return Path(root) / "native"
+
+
+def _compile(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".so")
+    os.close(fd)
+    try:
+        errors = []
+        for arch in (["-march=native"], []):  # some compilers (or CPUs) have no -march=native
+            run = subprocess.run([compiler, *_FLAGS, *arch, *map(str, _SOURCES), "-o", tmp], capture_output=True,
+                                 text=True)
+            if run.returncode == 0:
+                os.replace(tmp, target)  # atomic: concurrent first uses each build, one file wins
+                return
+            errors.append(run.stderr.strip())
+        raise RuntimeError("\n".join(errors))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> Kernels | None:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        return None
+    try:
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + " ".join(_FLAGS).encode()
+                                + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
+        target = _cache_dir() / f"kernels-{digest}.so"
+        if not target.exists():
+            _compile(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError) as error:
+        warnings.warn(f"nnsae: native kernels unavailable ({error}); using the torch path (same results, slower). "
+                      "Set NNSAE_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=3)
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return Kernels(lib)
+
+
+_lock = threading.Lock()
+_loaded: dict[str, Kernels | None] = {}
+
+
+def library() -> Kernels | None:
+    """The compiled kernels, or None when they are switched off (`NNSAE_NATIVE=0`) or cannot be built (warns once)."""
+    if os.environ.get("NNSAE_NATIVE", "1") == "0":
+        return None
+    with _lock:
+        if "kernels" not in _loaded:
+            _loaded["kernels"] = _load()
+        return _loaded["kernels"]
