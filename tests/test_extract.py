@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -320,9 +321,15 @@ def test_sigkill_mid_commit_then_resume_is_byte_identical(setup, reference, tmp_
     assert file_hashes(out) == ref_hashes
 
 
-def test_window_lookup_without_a_dense_copy_gives_the_same_bytes(setup, reference, tmp_path, monkeypatch):
-    monkeypatch.setattr(ext, "DENSE_LOOKUP_LIMIT", 0)  # the binary-search path for very wide SAEs / big batches
-    assert file_hashes(run(setup, tmp_path / "sparse")) == reference[1]
+@pytest.mark.parametrize("dense_copy", [True, False])
+def test_torch_statistics_give_the_same_bytes(setup, reference, tmp_path, monkeypatch, dense_copy):
+    """The statistics' torch path (where no compiler is), with its window lookup by a dense copy of the batch or, for
+    very wide SAEs / big batches, by binary search: the same files as the reference run (native statistics where a
+    compiler is). Only the statistics switch path: the SAEs encode as in the reference run."""
+    monkeypatch.setattr(ext, "native", types.SimpleNamespace(library=lambda: None))
+    if not dense_copy:
+        monkeypatch.setattr(ext, "DENSE_LOOKUP_LIMIT", 0)
+    assert file_hashes(run(setup, tmp_path / "torch-stats")) == reference[1]
 
 
 @pytest.mark.parametrize("writer", ["_write_parquet", "_write_state", "_write_json"])

@@ -3,11 +3,12 @@
 // For a block of n rows: key_b = bf16([x, 1] @ [W; b]·scale) ranks every latent. Per row, a threshold t keeps
 // the latents whose bf16 key is >= t (at least j of them), their float32 pre-activations are recomputed exactly,
 // and the row is certified when its k-th exact key beats t plus a proven bound on the bf16 error (the bound of
-// `nnsae.kernels._error_bound`, evaluated in double). Uncertified rows are left to the caller's dense path.
+// `nnsae.kernels._error_bound`: norms summed in float lanes, the bound in double, inside its 1% margin). Uncertified
+// rows are left to the caller's dense path.
 //
-// Why native: the same steps as torch ops cost ~10x the bf16 GEMM itself (dozens of memory-bound passes over the
-// (n, d_sae) key matrix); here each row's keys are scanned twice while they sit in L1, and the exact dot products
-// are grouped by latent so each row of W is read once per block.
+// Why native: the same steps as torch ops cost several times the bf16 GEMM itself (dozens of memory-bound passes
+// over the (n, d_sae) key matrix); here each row's keys are scanned twice while they sit in L1, and the exact dot
+// products are grouped by latent so each row of W is read once per block.
 
 #include <algorithm>
 #include <cmath>
