@@ -340,8 +340,11 @@ def sparse_activations(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     n = x.shape[0]
     if _is_plain_topk(sae):
         values, indices = sae.sparse_encode(x, ordered=True)
-        rows = torch.arange(n, device=values.device).unsqueeze(1).expand_as(indices)
+        rows = torch.arange(n, device=values.device).repeat_interleave(values.shape[1])
+        values, indices = values.reshape(-1), indices.reshape(-1)
         keep = values != 0
+        if bool(keep.all()):  # the usual case: k positive pre-activations per row, no copies needed
+            return rows.cpu(), indices.cpu(), values.float().cpu()
         return rows[keep].cpu(), indices[keep].cpu(), values[keep].float().cpu()
     acts = sae.encode(x)
     keep = acts != 0

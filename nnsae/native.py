@@ -28,7 +28,7 @@ _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
 _i64, _f32, _f64, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
     "nnsae_bf16_topk": [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _f64, _f64, _f64, _f64, _i64, _i64,
-                        _i64, _int, _int, _ptr, _ptr, _ptr],
+                        _f64, _int, _int, _ptr, _ptr, _ptr],
     "nnsae_feature_stats": [_i64, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, _f32, _i64, _ptr, _i64, _i64, _i64,
                             _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr],
 }
@@ -47,19 +47,19 @@ class Kernels:
         self.lib = lib
 
     def bf16_topk(self, x: torch.Tensor, xa: torch.Tensor, key_b: torch.Tensor, wts: Any, b: torch.Tensor,
-                  scale: torch.Tensor | None, k: int, j: int, g: int, absolute: bool, relu: bool,
+                  scale: torch.Tensor | None, k: int, g: int, margin: float, absolute: bool, relu: bool,
                   values: torch.Tensor, indices: torch.Tensor, ok: torch.Tensor) -> None:
-        """`nnsae.kernels._bf16_block` for float32 x (n, d): rows split over torch's thread count (ctypes releases
-        the GIL, so the parts run in parallel)."""
+        """`nnsae.kernels._bf16_block` for float32 x (n, d), each row's threshold `margin` error bounds below its
+        k-th bf16 key: rows split over torch's thread count (ctypes releases the GIL, so the parts run in parallel)."""
         (n, d), s = x.shape, key_b.shape[1]
 
         def run(lo: int, hi: int) -> None:
             status = self.lib.nnsae_bf16_topk(
                 hi - lo, d, s, xa.shape[1], key_b[lo].data_ptr(), xa[lo].data_ptr(), x[lo].data_ptr(),
                 wts.W_t.data_ptr(), b.data_ptr(), _ptr_of(scale), wts.norm, wts.err_norm, wts.bf16_norm, wts.abs_max,
-                k, j, g, int(absolute), int(relu), values[lo].data_ptr(), indices[lo].data_ptr(), ok[lo].data_ptr())
+                k, g, margin, int(absolute), int(relu), values[lo].data_ptr(), indices[lo].data_ptr(), ok[lo].data_ptr())
             if status != 0:
-                raise RuntimeError(f"nnsae_bf16_topk rejected its arguments (k={k}, j={j}, g={g}, d_sae={s}).")
+                raise RuntimeError(f"nnsae_bf16_topk rejected its arguments (k={k}, g={g}, d_sae={s}).")
 
         parts = min(torch.get_num_threads(), max(n // 64, 1))
         bounds = [n * i // parts for i in range(parts + 1)]

@@ -72,6 +72,63 @@ def test_offline_corpus_is_real_prose_with_a_held_out_split():
     assert sum(d.count(" the ") for d in train) > 100
 
 
+def test_offline_corpus_finds_the_docstrings_ast_walk_finds_in_the_same_order():
+    import ast
+    import inspect
+
+    from nnsae.data import _statement_nodes
+
+    source = inspect.cleandoc('''
+        """Module."""
+        import os
+        if os:
+            def in_if():
+                """In if."""
+                lambda: 0
+        else:
+            class InElse:
+                """In else."""
+                async def method(self):
+                    """Async method."""
+        try:
+            def in_try():
+                """In try."""
+        except Exception:
+            def in_handler():
+                """In handler."""
+        else:
+            pass
+        finally:
+            def in_finally():
+                """In finally."""
+        for _ in []:
+            pass
+        else:
+            def in_for_else():
+                """In for-else."""
+        while False:
+            with open(__file__) as f:
+                def in_with():
+                    """In with."""
+        match 1:
+            case 1:
+                def in_case():
+                    """In case."""
+        def outer():
+            """Outer."""
+            class Inner:
+                """Inner."""
+                def deep(self):
+                    """Deep."""
+                    return [lambda: 1 for _ in ()]
+        ''')
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    tree = ast.parse(source)
+    expected = [ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, kinds)]
+    assert [ast.get_docstring(n) for n in _statement_nodes(tree) if isinstance(n, kinds)] == expected
+    assert len(expected) == 13 and expected[:2] == ["Module.", "Outer."]
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
 def test_one_pass_for_many_hooks_equals_hidden_states_and_separate_passes(family):
     model = tiny_model(family)

@@ -115,6 +115,28 @@ def test_ordered_rows_are_by_value_then_index_and_the_same_on_every_path(absolut
     assert runs[0][1][5, :3].tolist() == [8, 24, 40] and (runs[0][0][5, :3] == 5.0).all()
 
 
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("margin", [kernels.NATIVE_MARGIN, 0.0, -1.0])
+def test_native_threshold_certifies_rows_itself_and_retries_the_ones_it_fails(absolute, margin, monkeypatch):
+    """The native kernel fits each row's threshold to its error bound: at the default margin it certifies every row of
+    a plain problem (none left for the dense path). With margin 0 (candidates: exactly the top-k bf16 keys) or -1
+    (fewer than k) the first round fails and the kernel's wider second round must still select exactly."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the native kernels cannot be built here")
+    monkeypatch.setenv("NNSAE_NATIVE", "1")
+    path = native.library()
+    assert path is not None
+    x, W, b = random_problem(256, 1024, seed=5, big_rows=False)
+    weights = kernels._Bf16Weights(W, b, None)
+    n = x.shape[0]
+    values, indices = torch.empty(n, K), torch.empty(n, K, dtype=torch.long)
+    ok = torch.zeros(n, dtype=torch.bool)
+    monkeypatch.setattr(kernels, "NATIVE_MARGIN", margin)
+    kernels._native_block(path, x, b, K, absolute, not absolute, None, weights, values, indices, ok)
+    assert bool(ok.all())
+    check_selection(values, indices, x, W, b, K, absolute, not absolute)
+
+
 def test_native_kernels_fall_back_when_they_cannot_be_built(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("NNSAE_CACHE", str(tmp_path))

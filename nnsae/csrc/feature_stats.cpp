@@ -2,13 +2,65 @@
 // for bit (same float32 comparisons, float64 sums in the same order, same slot assignment).
 //
 // Why native: a batch touches each of its ~n·k entries a few times; as torch ops it is dozens of passes, sorts and
-// scatters (~15-30 ms per SAE per 1024 tokens), here a few passes over the entries (~1 ms).
+// scatters (~15-30 ms per SAE per 1024 tokens), here a few passes over the entries (2-10 ms, most of it writing the
+// windows of entries that enter the top lists, which grow rarer as the lists fill).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
+
+namespace {
+
+// The activations of one batch by (row, feature): a hash table (open addressing, linear probing, power-of-two size at
+// most half full), behind a bit set of the pairs present when that set is at most 8x the table's size (bigger, it
+// costs more to clear than it saves; a small table is quick to probe anyway). Windows mostly ask for absent pairs,
+// and a window's bits sit one stride apart, which the prefetcher follows. A pair's first entry wins, as in a scan of
+// its row (an SAE gives each pair once anyway).
+class EntryTable {
+ public:
+  EntryTable(int64_t m, const int64_t* rows, const int64_t* feats, const float* vals, int64_t n, int64_t d)
+      : d_(d), words_((d + 63) / 64) {
+    int bits = 4;
+    while ((int64_t{1} << bits) < 2 * m) ++bits;
+    shift_ = 64 - bits;
+    mask_ = (uint64_t{1} << bits) - 1;
+    keys_.assign(mask_ + 1, -1);
+    vals_.resize(mask_ + 1);
+    if (n * words_ <= 8 * static_cast<int64_t>(mask_ + 1)) present_.assign(n * words_, 0);
+    for (int64_t p = 0; p < m; ++p) {
+      const int64_t key = rows[p] * d + feats[p];
+      uint64_t at = slot(key);
+      while (keys_[at] != -1 && keys_[at] != key) at = (at + 1) & mask_;
+      if (keys_[at] == -1) {
+        keys_[at] = key;
+        vals_[at] = vals[p];
+      }
+      if (!present_.empty()) present_[rows[p] * words_ + (feats[p] >> 6)] |= uint64_t{1} << (feats[p] & 63);
+    }
+  }
+
+  float get(int64_t row, int64_t f) const {
+    if (!present_.empty() && !((present_[row * words_ + (f >> 6)] >> (f & 63)) & 1)) return 0.0f;
+    const int64_t key = row * d_ + f;
+    for (uint64_t at = slot(key);; at = (at + 1) & mask_) {
+      if (keys_[at] == key) return vals_[at];
+      if (keys_[at] == -1) return 0.0f;
+    }
+  }
+
+ private:
+  uint64_t slot(int64_t key) const { return (static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull) >> shift_; }
+
+  int64_t d_, words_;
+  std::vector<int64_t> keys_;
+  std::vector<float> vals_;
+  std::vector<uint64_t> present_;
+  uint64_t mask_;
+  int shift_;
+};
+
+}  // namespace
 
 extern "C" int nnsae_feature_stats(
     int64_t m, const int64_t* rows, const int64_t* feats, const float* vals,  // entries, grouped by ascending row
@@ -47,40 +99,9 @@ extern "C" int nnsae_feature_stats(
     for (int64_t p : cand) by_feat[fill[feats[p]]++] = p;
   }
 
-  // A feature's activation at a row: a scan of the row's entries (TopK: k of them), or a binary search in a sorted
-  // copy (feature << 32 | float bits) for rows with many entries.
-  constexpr int64_t kScan = 64;
-  std::vector<int64_t> row_start(n + 1, 0);
-  for (int64_t p = 0; p < m; ++p) ++row_start[rows[p] + 1];
-  for (int64_t r = 0; r < n; ++r) row_start[r + 1] += row_start[r];
-  std::vector<uint64_t> row_key;
-  for (int64_t r = 0; r < n; ++r) {
-    const int64_t lo = row_start[r], hi = row_start[r + 1];
-    if (hi - lo <= kScan) continue;
-    if (row_key.empty()) row_key.resize(m);
-    for (int64_t p = lo; p < hi; ++p) {
-      uint32_t bits;
-      std::memcpy(&bits, vals + p, sizeof bits);
-      row_key[p] = (static_cast<uint64_t>(feats[p]) << 32) | bits;
-    }
-    std::sort(row_key.begin() + lo, row_key.begin() + hi);
-  }
-  auto activation = [&](int64_t row, int64_t f) -> float {
-    const int64_t lo = row_start[row], hi = row_start[row + 1];
-    if (hi - lo <= kScan) {
-      for (int64_t p = lo; p < hi; ++p)
-        if (feats[p] == f) return vals[p];
-      return 0.0f;
-    }
-    const uint64_t* first = row_key.data() + lo;
-    const uint64_t* last = row_key.data() + hi;
-    const uint64_t* hit = std::lower_bound(first, last, static_cast<uint64_t>(f) << 32);
-    if (hit == last || (*hit >> 32) != static_cast<uint64_t>(f)) return 0.0f;
-    const uint32_t bits = static_cast<uint32_t>(*hit);
-    float v;
-    std::memcpy(&v, &bits, sizeof v);
-    return v;
-  };
+  // A feature's activation at a row, for the windows of the entries that enter the top lists (a scan of the rows'
+  // entries cost ~6x more).
+  const EntryTable table(m, rows, feats, vals, n, d);
 
   std::vector<int64_t> fresh_rows;
   std::vector<float> merged_vals(N);
@@ -144,7 +165,7 @@ extern "C" int nnsae_feature_stats(
           continue;
         }
         wt[o + w] = static_cast<int32_t>(tokens[b * T + at]);
-        wa[o + w] = activation(b * T + at, f);
+        wa[o + w] = table.get(b * T + at, f);
       }
     }
   }
