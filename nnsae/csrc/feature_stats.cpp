@@ -100,7 +100,7 @@ extern "C" int nnsae_feature_stats(
   }
 
   // A feature's activation at a row, for the windows of the entries that enter the top lists (a scan of the rows'
-  // entries cost ~6x more).
+  // entries cost 4-7x more).
   const EntryTable table(m, rows, feats, vals, n, d);
 
   std::vector<int64_t> fresh_rows;
