@@ -9,7 +9,6 @@ blocked from import, and runs them; results must equal the same bodies run local
 from __future__ import annotations
 
 import os
-
 import warnings
 
 import nnsight
