@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from nnsae.io.files import cache_dir
+
 _SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
 _i64, _f32, _f64, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int, ctypes.c_void_p
@@ -108,11 +110,6 @@ def _cpu_signature() -> str:
     return f"{platform.machine()}|{platform.processor()}|{flags.strip()}"
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("NNSAE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nnsae"
-    return Path(root) / "native"
-
-
 def _compile(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".so")
@@ -139,7 +136,7 @@ def _load() -> Kernels | None:
     try:
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + " ".join(_FLAGS).encode()
                                 + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
-        target = _cache_dir() / f"kernels-{digest}.so"
+        target = cache_dir("native") / f"kernels-{digest}.so"
         if not target.exists():
             _compile(compiler, target)
         lib = ctypes.CDLL(str(target))

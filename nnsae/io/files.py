@@ -13,6 +13,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
+def cache_dir(kind: str) -> Path:
+    """Where nnsae keeps derived files of `kind` (compiled kernels, parsed docstrings): `$NNSAE_CACHE/kind`, by
+    default `~/.cache/nnsae/kind` (or under `$XDG_CACHE_HOME`). Anything in it can be deleted."""
+    root = os.environ.get("NNSAE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nnsae"
+    return Path(root) / kind
+
+
 def require(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"Missing SAE file {path}.")
