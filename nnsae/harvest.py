@@ -99,8 +99,8 @@ def _keep_freed_heap() -> None:
     no-op off glibc.
 
     Why: with glibc's default (dynamic) thresholds, every nnsight trace faulted its tensors' memory back in page by
-    page: on SmolLM2 (8 × 128 tokens) about 20,000 pages per batch, each about 4 µs on a VM, where a plain forward
-    faults none.
+    page: on SmolLM2 (8 × 128 tokens) 5,000-20,000 pages per batch, each about 4 µs on a VM, where a loop of plain
+    forwards settles at none.
     """
     global _heap_kept
     if _heap_kept or platform.libc_ver()[0] != "glibc":
