@@ -125,15 +125,15 @@ def test_native_threshold_certifies_rows_itself_and_retries_the_ones_it_fails(ab
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the native kernels cannot be built here")
     monkeypatch.setenv("NNSAE_NATIVE", "1")
-    path = native.library()
-    assert path is not None
+    lib = native.library()
+    assert lib is not None
     x, W, b = random_problem(256, 1024, seed=5, big_rows=False)
     weights = kernels._Bf16Weights(W, b, None)
     n = x.shape[0]
     values, indices = torch.empty(n, K), torch.empty(n, K, dtype=torch.long)
     ok = torch.zeros(n, dtype=torch.bool)
     monkeypatch.setattr(kernels, "NATIVE_MARGIN", margin)
-    kernels._native_block(path, x, b, K, absolute, not absolute, None, weights, values, indices, ok)
+    kernels._native_block(lib, x, b, K, absolute, not absolute, None, weights, values, indices, ok)
     assert bool(ok.all())
     check_selection(values, indices, x, W, b, K, absolute, not absolute)
 
