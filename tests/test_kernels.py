@@ -127,7 +127,7 @@ def test_native_threshold_certifies_rows_itself_and_retries_the_ones_it_fails(ab
     monkeypatch.setenv("NNSAE_NATIVE", "1")
     lib = native.library()
     assert lib is not None
-    x, W, b = random_problem(256, 1024, seed=5, big_rows=False)
+    x, W, b = random_problem(1100, 1024, seed=5, big_rows=False)  # the kernel takes 512 rows at a time
     weights = kernels._Bf16Weights(W, b, None)
     n = x.shape[0]
     values, indices = torch.empty(n, K), torch.empty(n, K, dtype=torch.long)
