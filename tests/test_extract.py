@@ -226,7 +226,7 @@ def test_streaming_stats_and_top_contexts_equal_brute_force(setup, reference):
 
 
 @pytest.mark.parametrize("n_top", [0, 3])
-# ~15, ~90 and ~2 entries per token; the last leaves the native kernel's window lookups without their bit set
+# ~15, ~90 and ~2 entries per token; in the last most windows find none of their feature's entries
 @pytest.mark.parametrize("d, cut", [(40, 0.9), (240, 0.9), (4096, 3.5)])
 def test_native_and_torch_statistics_reach_the_same_state(monkeypatch, n_top, d, cut):
     """`FeatureStats.update` by the native kernel and by torch ops: the same state bit for bit, on batches with
