@@ -305,3 +305,49 @@ def test_error_term_cancels_the_reconstruction_bit_for_bit(grad, hooked, monkeyp
         recons = sae.reconstruct(x)
         clean = sae.clean_reconstruct(x)
     assert torch.equal(recons, clean)
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])
+def test_decoding_sparse_activations_reads_only_their_rows_and_equals_the_dense_product(arch, monkeypatch):
+    sae = make_sae(arch, 512, rescale_acts_by_decoder_norm=arch == "topk")
+    calls = []
+    bag = torch.nn.functional.embedding_bag
+    monkeypatch.setattr(torch.nn.functional, "embedding_bag", lambda *a, **kw: calls.append(1) or bag(*a, **kw))
+    g = torch.Generator().manual_seed(2)
+    acts = torch.randn(3, 5, 512, generator=g) * (torch.rand(3, 5, 512, generator=g) < 0.02)  # ~10 per token
+    acts[1, 2] = 0  # a token with none
+    W = sae.W_dec.detach().double()
+    if arch == "topk":
+        W = W / W.norm(dim=-1, keepdim=True)
+    with torch.no_grad():
+        out = sae.decode(acts)
+        assert len(calls) == 1  # the sparse path ran
+        dense = acts.clone()
+        dense[0, 0] = 1.0  # more than 1/32 non-zero: the dense product
+        out_dense = sae.decode(dense)
+        assert len(calls) == 1
+    torch.testing.assert_close(out.double(), acts.double() @ W + sae.b_dec.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_dense.double(), dense.double() @ W + sae.b_dec.double(), atol=1e-5, rtol=1e-5)
+    # With grad, the dense product: every feature (zero or not) gets its gradient
+    acts.requires_grad_(True)
+    sae.decode(acts).sum().backward()
+    assert len(calls) == 1
+    torch.testing.assert_close(acts.grad.double(), W.sum(-1).expand(3, 5, -1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("arch", ["standard", "jumprelu"])
+@pytest.mark.parametrize("shift, sparse", [(0.0, False), (-4.0, True)])  # ~half or ~0.4% of the features fire
+def test_error_term_cancels_the_reconstruction_bit_for_bit_for_every_decoder_path(grad, arch, shift, sparse,
+                                                                                   monkeypatch):
+    calls = []
+    bag = torch.nn.functional.embedding_bag
+    monkeypatch.setattr(torch.nn.functional, "embedding_bag", lambda *a, **kw: calls.append(1) or bag(*a, **kw))
+    sae = make_sae(arch, 4096)
+    with torch.no_grad():
+        sae.b_enc.fill_(shift)
+    sae.hook_sae_acts_post.register_forward_hook(lambda m, i, o: o)
+    x = torch.randn(7, D_IN)
+    with torch.set_grad_enabled(grad):
+        assert torch.equal(sae.reconstruct(x), sae.clean_reconstruct(x))
+    assert len(calls) == (2 if sparse and not grad else 0)  # the clean reconstruction follows the caller's grad mode

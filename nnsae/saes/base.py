@@ -139,16 +139,24 @@ class SAE(nn.Module):
                 return True
         return False
 
+    _caller_grad: bool | None = None  # the grad mode clean_reconstruct mirrors (it runs under no_grad)
+
+    def _grad_mode(self) -> bool:
+        """The grad mode kernel choices follow: the caller's, also inside `clean_reconstruct`, so the error term's
+        reference takes the kernels the hooked reconstruction took and cancels it bit for bit."""
+        return torch.is_grad_enabled() if self._caller_grad is None else self._caller_grad
+
     def clean_reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """reconstruct(x) without passing through the hook modules and without gradient: the reference the error
-        term is measured against. (A plain flag, not a context manager, so a by-value copy of this class shipped
+        term is measured against. (Plain flags, not context managers, so a by-value copy of this class shipped
         to a remote nnsight server behaves the same.)"""
+        grad = self._grad_mode()
         with torch.no_grad():
-            previous, self._hooks_enabled = self._hooks_enabled, False
+            previous, self._hooks_enabled, self._caller_grad = (self._hooks_enabled, self._caller_grad), False, grad
             try:
                 return self.reconstruct(x)
             finally:
-                self._hooks_enabled = previous
+                self._hooks_enabled, self._caller_grad = previous
 
     def _check_input(self, x: torch.Tensor) -> None:
         hook_z = self.reshapes_input and self.cfg.reshape_activations == "hook_z"
@@ -225,7 +233,21 @@ class SAE(nn.Module):
         return self._hook("hook_sae_acts_post", self.activation(pre, sae_in))
 
     def decoder_matmul(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        return feature_acts @ self.W_dec
+        """feature_acts @ W_dec. Without grad, on plain CPU tensors with at most 1/32 of the activations non-zero
+        (what hooks and edits leave of a sparse code), only the rows of W_dec of non-zero activations are read: the
+        same sums in another order, about 2× faster than the dense product at d_sae 4608 and k 32."""
+        W = self.W_dec
+        if (self._grad_mode() or type(feature_acts) is not torch.Tensor or feature_acts.device.type != "cpu"
+                or feature_acts.dtype != W.dtype or feature_acts.numel() == 0):
+            return feature_acts @ W
+        flat = feature_acts.reshape(-1, feature_acts.shape[-1])
+        if int(torch.count_nonzero(flat)) * 32 > flat.numel():
+            return feature_acts @ W
+        rows, cols = flat.nonzero(as_tuple=True)
+        counts = torch.bincount(rows, minlength=flat.shape[0])
+        out = nn.functional.embedding_bag(cols, W, counts.cumsum(0) - counts, mode="sum",
+                                          per_sample_weights=flat[rows, cols])
+        return out.view(*feature_acts.shape[:-1], W.shape[-1])
 
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """(..., d_sae) feature activations → reconstruction in the input's space."""

@@ -43,16 +43,13 @@ class TopKSAE(SAE):
     def decoder_matmul(self, feature_acts: torch.Tensor) -> torch.Tensor:
         if self.cfg.rescale_acts_by_decoder_norm:
             feature_acts = feature_acts * (1 / self.W_dec.norm(dim=-1))
-        return feature_acts @ self.W_dec
+        return SAE.decoder_matmul(self, feature_acts)
 
     # ---- the sparse path ----------------------------------------------------------------------------------------
 
-    _caller_grad: bool | None = None  # the grad mode clean_reconstruct mirrors (it runs under no_grad)
-
     def _sparse_allowed(self, x: torch.Tensor, hooks: tuple[str, ...]) -> bool:
         # Autograd needs the dense graph; hook points someone can observe need the dense tensors.
-        grad = torch.is_grad_enabled() if self._caller_grad is None else self._caller_grad
-        needs_grad = grad and (x.requires_grad or self.W_enc.requires_grad)
+        needs_grad = self._grad_mode() and (x.requires_grad or self.W_enc.requires_grad)
         return not needs_grad and not self.observed(*hooks)
 
     def sparse_encode(self, x: torch.Tensor, ordered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,15 +107,6 @@ class TopKSAE(SAE):
         if not self._sparse_allowed(x, ("hook_sae_acts_pre", "hook_sae_acts_post")):
             return SAE.reconstruct(self, x)
         return self.sparse_decode(*self.sparse_encode(x))
-
-    def clean_reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        # The error term must cancel the hooked reconstruction bit for bit, so every kernel choice inside is made
-        # with the caller's grad mode (and `observed` ignores the switched-off hooks).
-        previous, self._caller_grad = self._caller_grad, torch.is_grad_enabled()
-        try:
-            return SAE.clean_reconstruct(self, x)
-        finally:
-            self._caller_grad = previous
 
     def fold_W_dec_norm(self) -> None:
         if not self.cfg.rescale_acts_by_decoder_norm:
