@@ -232,7 +232,7 @@ def heldout_quality(folder: Path, x: torch.Tensor, batch_k: float | None = None)
     SAE saved in `folder` on held-out activations `x` (pooled, float64). With `batch_k` (BatchTopK), the latents are
     chosen as in training instead of by the exported threshold: the top `batch_k · n` of ReLU(pre-activations) over
     each batch of n = 4096 held-out tokens (the threshold is an EMA that a short run has not yet converged)."""
-    from nnsae.saes import SAE
+    from nnsae.architectures import SAE
 
     sae = SAE.load_from_disk(folder)
     sse = torch.zeros(x.shape[0], dtype=torch.float64)

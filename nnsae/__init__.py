@@ -11,7 +11,7 @@ from nnsae.harvest import ActivationStore, Harvester
 from nnsae.hooks import HookPoint, HookSpec, resolve_hook
 from nnsae.io.registry import list_pretrained
 from nnsae.models import load_model, load_smollm2
-from nnsae.saes import ARCHITECTURES, SAE, register_architecture
+from nnsae.architectures import ARCHITECTURES, SAE, register_architecture
 from nnsae.train import TrainConfig
 from nnsae.upload import upload_saes_to_huggingface
 

@@ -55,7 +55,7 @@ from nnsight.intervention.tracer import InterleavingTracer
 from torch import nn
 
 from nnsae.hooks import HookPoint, HookSpec, resolve_hook
-from nnsae.saes.base import HOOK_NAMES, SAE
+from nnsae.architectures.base import HOOK_NAMES, SAE
 
 __all__ = [
     "SAEHandle", "SAEOrderError", "SAESplice", "attach", "attached", "detach", "feature_attribution",

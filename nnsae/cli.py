@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from nnsae.saes import SAE
+from nnsae.architectures import SAE
 
 
 def load_sae_arg(spec: str, device: str = "cpu", dtype: str | None = None, format: str | None = None) -> SAE:

@@ -117,7 +117,7 @@ class SAEConfig:
     d_out: int | None = None
 
     def __post_init__(self) -> None:
-        from nnsae.saes import architecture_class  # the architecture table lives with the classes
+        from nnsae.architectures import architecture_class  # the architecture table lives with the classes
 
         if isinstance(self.metadata, dict):
             self.metadata = SAEMetadata(**self.metadata)
@@ -137,7 +137,7 @@ class SAEConfig:
 
     @property
     def extra_fields(self) -> tuple[str, ...]:
-        from nnsae.saes import architecture_class
+        from nnsae.architectures import architecture_class
 
         return architecture_class(self.architecture).config_fields
 

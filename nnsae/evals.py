@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from nnsae.data import OFFLINE, batched, iter_documents, pack, special_token_ids
 from nnsae.harvest import Harvester, as_nnsight, hf_module
 from nnsae.hooks import HookPoint, resolve_hook
-from nnsae.saes import SAE
+from nnsae.architectures import SAE
 
 
 @dataclass

@@ -50,8 +50,8 @@ from nnsae.data import OFFLINE, Chunk, iter_documents, pack, special_token_ids
 from nnsae.harvest import Harvester, as_nnsight, hf_module
 from nnsae.hooks import HookPoint, resolve_hook
 from nnsae.io.files import atomic_write
-from nnsae.saes import SAE
-from nnsae.saes.topk import TopKSAE
+from nnsae.architectures import SAE
+from nnsae.architectures.topk import TopKSAE
 
 __all__ = ["extract", "load_features", "load_feature_stats", "histogram_edges", "sae_names", "FeatureStats"]
 

@@ -25,7 +25,7 @@ import webbrowser
 from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
-    from nnsae.saes import SAE
+    from nnsae.architectures import SAE
 
 NEURONPEDIA_DOMAIN = "https://neuronpedia.org"
 

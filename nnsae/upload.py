@@ -30,7 +30,7 @@ from nnsae.io.formats import saelens
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
 
-    from nnsae.saes import SAE
+    from nnsae.architectures import SAE
 
 RUNNER_CFG = "runner_cfg.json"
 UPLOADED_FILES = (saelens.CFG, saelens.WEIGHTS, saelens.SPARSITY, RUNNER_CFG)
@@ -47,7 +47,7 @@ def _check_sae_id(sae_id: Any) -> str:
 
 def _stage(sae_id: str, ref: SAE | str | Path, tmp: Path) -> tuple[Path, dict[str, Any]]:
     """A local SAELens-layout folder for `ref` (written under `tmp` when needed) and the SAE's config dict."""
-    from nnsae.saes import SAE
+    from nnsae.architectures import SAE
 
     if isinstance(ref, SAE):
         folder = tmp / sae_id

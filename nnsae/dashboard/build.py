@@ -17,7 +17,7 @@ from nnsae.dashboard.tokens import TokenRenderer, display
 from nnsae.data import OFFLINE
 from nnsae.io.files import atomic_write
 from nnsae.neuronpedia import NEURONPEDIA_DOMAIN
-from nnsae.saes import SAE
+from nnsae.architectures import SAE
 
 EXTRACTION_DIR = "extraction"
 

@@ -21,7 +21,7 @@ from nnsae.io import hub, registry
 from nnsae.io.formats import get_format, norm_scaling_factor
 
 if TYPE_CHECKING:
-    from nnsae.saes import SAE
+    from nnsae.architectures import SAE
 
 # SAEConfig fields an override may set directly; every other override key is metadata.
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(SAEConfig)) - {"metadata"}
@@ -55,7 +55,7 @@ def load_pretrained(release: str, sae_id: str, *, device: str | torch.device = "
     `revision`, `cache_dir`, `force_download` and `token` go to `huggingface_hub`; `HF_HUB_OFFLINE=1` loads from
     the cache only. The config dict returned is the SAE's `cfg.to_dict()` (before any `fold_W_dec_norm`).
     """
-    from nnsae.saes import SAE
+    from nnsae.architectures import SAE
 
     entry = registry.lookup(release, sae_id)
     if not entry.in_registry:

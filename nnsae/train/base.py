@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from nnsae.config import SAEConfig, parse_dtype
-from nnsae.saes import SAE
+from nnsae.architectures import SAE
 from nnsae.train import sparse
 from nnsae.train.config import TrainConfig
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from nnsae.config import SAEConfig
-from nnsae.saes import SAE
+from nnsae.architectures import SAE
 from nnsae.train.base import StepContext
 from nnsae.train.sparse import Pattern, top_positive_flat
 from nnsae.train.topk import TopKTrainingSAE

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from nnsae import kernels
-from nnsae.saes import SAE
+from nnsae.architectures import SAE
 from nnsae.train import sparse
 from nnsae.train.base import StepContext, StepOutput, TrainingSAE, mse
 from nnsae.train.sparse import Pattern

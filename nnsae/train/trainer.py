@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from nnsae.config import SAEMetadata
 from nnsae.harvest import release_free_memory
-from nnsae.saes import SAE
+from nnsae.architectures import SAE
 from nnsae.train import checkpoint as ckpt
 from nnsae.train.architectures import make_training_sae
 from nnsae.train.base import StepContext, StepOutput, TrainingSAE

@@ -11,7 +11,7 @@ from nnsae.config import migrate_legacy_config
 from nnsae.io.files import read_json, read_safetensors, write_json, write_safetensors
 
 if TYPE_CHECKING:
-    from nnsae.saes import SAE
+    from nnsae.architectures import SAE
 
 NAME = "saelens"
 CFG, WEIGHTS, SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nnsae.saes.base import SAE
+from nnsae.architectures.base import SAE
 
 
 class StandardSAE(SAE):

@@ -56,7 +56,7 @@ class SAE(nn.Module):
     @classmethod
     def from_config(cls, cfg: SAEConfig | dict[str, Any]) -> SAE:
         """A new SAE of `cfg.architecture` with SAELens' default initialisation."""
-        from nnsae.saes import architecture_class
+        from nnsae.architectures import architecture_class
 
         if isinstance(cfg, dict):
             cfg = SAEConfig.from_dict(cfg)
@@ -66,7 +66,7 @@ class SAE(nn.Module):
     def from_dict(cls, cfg: SAEConfig | dict[str, Any], state_dict: dict[str, torch.Tensor],
                   device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> SAE:
         """An SAE from a config and a state dict with SAELens keys, checked strictly (names and shapes)."""
-        from nnsae.saes import architecture_class
+        from nnsae.architectures import architecture_class
 
         if isinstance(cfg, dict):
             cfg = SAEConfig.from_dict(cfg)

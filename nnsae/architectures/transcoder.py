@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nnsae.saes.base import SAE
-from nnsae.saes.jumprelu import JumpReLUSAE
+from nnsae.architectures.base import SAE
+from nnsae.architectures.jumprelu import JumpReLUSAE
 
 
 class Transcoder(SAE):

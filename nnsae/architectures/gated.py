@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nnsae.saes.base import SAE
+from nnsae.architectures.base import SAE
 
 
 class GatedSAE(SAE):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from nnsae.saes.base import SAE
-from nnsae.saes.gated import GatedSAE
-from nnsae.saes.jumprelu import JumpReLUSAE
-from nnsae.saes.standard import StandardSAE
-from nnsae.saes.topk import AbsTopKSAE, TopKSAE
-from nnsae.saes.transcoder import JumpReLUSkipTranscoder, JumpReLUTranscoder, SkipTranscoder, Transcoder
+from nnsae.architectures.base import SAE
+from nnsae.architectures.gated import GatedSAE
+from nnsae.architectures.jumprelu import JumpReLUSAE
+from nnsae.architectures.standard import StandardSAE
+from nnsae.architectures.topk import AbsTopKSAE, TopKSAE
+from nnsae.architectures.transcoder import JumpReLUSkipTranscoder, JumpReLUTranscoder, SkipTranscoder, Transcoder
 
 ARCHITECTURES: dict[str, type[SAE]] = {
     cls.architecture: cls

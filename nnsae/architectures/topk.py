@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from nnsae import kernels
-from nnsae.saes.base import SAE
+from nnsae.architectures.base import SAE
 
 
 class TopKSAE(SAE):
