@@ -32,7 +32,7 @@ def _timed(fn) -> tuple[float, object]:
 def run(n_tokens: int = 16_384, n_features: int = 100, d_sae: int = 4608, k: int = 32) -> str:
     import nnsae
     from nnsae import SAE, SAEConfig
-    from nnsae.dashboard import dashboard
+    from nnsae.dashboards import dashboard
     from nnsae.extract import extract
 
     model, tokenizer = nnsae.load_smollm2()

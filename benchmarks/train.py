@@ -34,14 +34,14 @@ from typing import Any, Callable, Iterator
 import torch
 
 from benchmarks.common import machine_line, markdown_table
-from nnsae.train import TrainConfig
-from nnsae.train.base import DensityAdaptive
-from nnsae.train.trainer import Trainer
+from nnsae.training import TrainConfig
+from nnsae.training.base import DensityAdaptive
+from nnsae.training.trainer import Trainer
 
 D_IN, D_SAE, K, BATCH = 576, 4608, 32, 4096
 HOOK = "model.layers.6"
 DEFAULT_CACHE = Path("~/.cache/nnsae/bench-smollm2-layer6").expanduser()
-TOPK_LR = 4e-3  # nnsae's default for this width and batch (nnsae.train.config.default_lr), given to both trainers
+TOPK_LR = 4e-3  # nnsae's default for this width and batch (nnsae.training.config.default_lr), given to both trainers
 RELU_LR = 2e-3
 # Per-architecture hyper-parameters, identical for both trainers. The ReLU family's were chosen on the scaled
 # activations to become sparse within a few steps and end at an L0 in the tens to ~150: lr 2e-3; standard L1 10

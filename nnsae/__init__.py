@@ -1,9 +1,11 @@
 """nnsae: sparse autoencoders on any Hugging Face model, built on nnsight, compatible with SAELens."""
 
-from nnsae import dashboard, models, neuronpedia, train  # train and dashboard are callable packages
+from nnsae import models, neuronpedia
+from nnsae.architectures import ARCHITECTURES, SAE, register_architecture
 from nnsae.attach import (SAEHandle, SAEOrderError, attach, attached, detach, feature_attribution,
                           run_with_cache_with_saes, run_with_saes, saes, splice, steer)
 from nnsae.config import SAEConfig, SAEMetadata
+from nnsae.dashboards import dashboard
 from nnsae.data import offline_corpus
 from nnsae.evals import evaluate
 from nnsae.extract import extract, load_feature_stats, load_features
@@ -11,8 +13,7 @@ from nnsae.harvest import ActivationStore, Harvester
 from nnsae.hooks import HookPoint, HookSpec, resolve_hook
 from nnsae.io.registry import list_pretrained
 from nnsae.models import load_model, load_smollm2
-from nnsae.architectures import ARCHITECTURES, SAE, register_architecture
-from nnsae.train import TrainConfig
+from nnsae.training import TrainConfig, train
 from nnsae.upload import upload_saes_to_huggingface
 
 __version__ = "0.1.0"

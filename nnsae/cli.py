@@ -67,7 +67,7 @@ def _train_config_arguments(parser: argparse.ArgumentParser) -> None:
     import dataclasses
     import typing
 
-    from nnsae.train.config import TrainConfig
+    from nnsae.training.config import TrainConfig
 
     aliases = {v: k for k, v in TRAIN_ALIASES.items()}
     hints = typing.get_type_hints(TrainConfig)
@@ -93,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from nnsae.harvest import ActivationStore
     from nnsae.models import load_model
-    from nnsae.train import TrainConfig, train
+    from nnsae.training import TrainConfig, train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("hook", "device")}
     values["device"] = args.device
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size-prompts", type=int, default=8)
     p.set_defaults(func=cmd_extract)
 
-    from nnsae.dashboard.cli import add_dashboard_command
+    from nnsae.dashboards.cli import add_dashboard_command
 
     add_dashboard_command(sub)
     return parser

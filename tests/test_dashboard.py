@@ -26,9 +26,9 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from nnsae import SAE, SAEConfig
-from nnsae.dashboard import SCHEMA, TokenRenderer, dashboard, display, logit_effects, parse_features, subschema
-from nnsae.dashboard.cli import add_dashboard_command
-from nnsae.dashboard.tokens import tokenizer_kind
+from nnsae.dashboards import SCHEMA, TokenRenderer, dashboard, display, logit_effects, parse_features, subschema
+from nnsae.dashboards.cli import add_dashboard_command
+from nnsae.dashboards.tokens import tokenizer_kind
 from nnsae.data import Document, pack
 from nnsae.neuronpedia import NoNeuronpediaIdError, neuronpedia_quick_list_url, neuronpedia_url
 from tests.tiny_models import tiny_model

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from nnsae import SAE
-from nnsae.train import TrainConfig, TrainingDiverged, make_training_sae, train
-from nnsae.train import sparse
-from nnsae.train.base import StepContext
-from nnsae.train.schedules import coefficient_at, lr_at
+from nnsae.training import TrainConfig, TrainingDiverged, make_training_sae, train
+from nnsae.training import sparse
+from nnsae.training.base import StepContext
+from nnsae.training.schedules import coefficient_at, lr_at
 from tests.test_train_store import FakeStore
 
 HOOK = "blocks.0.hook_resid_post"
@@ -322,7 +322,7 @@ def test_coefficient_warm_up_is_linear_from_zero():
 
 
 def test_default_lr_rule():
-    from nnsae.train import default_lr
+    from nnsae.training import default_lr
 
     assert default_lr("topk", 4608, 4096) == pytest.approx(4e-3)
     assert default_lr("batchtopk", 4 * 4608, 4096) == pytest.approx(2e-3)
@@ -379,7 +379,7 @@ def _train_briefly(tmp_path, **kw):
     cfg = TrainConfig(d_sae=96, training_tokens=128 * 30, log_every=10, **kw)
     trainer_models = {}
 
-    trainer_module = importlib.import_module("nnsae.train.trainer")
+    trainer_module = importlib.import_module("nnsae.training.trainer")
 
     original = trainer_module.Trainer._finalize
 
@@ -579,7 +579,7 @@ def test_batch_top_selection_equals_torch_topk():
 
 
 def test_relu_family_switches_to_the_sparse_path_once_sparse(monkeypatch):
-    from nnsae.train.jumprelu import JumpReLUTrainingSAE
+    from nnsae.training.jumprelu import JumpReLUTrainingSAE
 
     cfg = TrainConfig(architecture="jumprelu", d_sae=S, training_tokens=10 * N)
     model = make_training_sae(cfg.resolve(D, N), D)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from nnsae.train import TrainConfig, train
+from nnsae.training import TrainConfig, train
 from tests.test_train_store import FakeStore
 
 LOCAL_BATCH, WORLD = 48, 2

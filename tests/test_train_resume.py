@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nnsae.train import TrainConfig, TrainingInterrupted, train
+from nnsae.training import TrainConfig, TrainingInterrupted, train
 from tests.test_train_store import FakeStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ import sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
 from tests.test_train_resume import SlowStore, make_configs
-from nnsae.train import train
+from nnsae.training import train
 train(None, make_configs(), SlowStore(delay={delay}), {out!r}, resume={resume}, progress=False)
 """
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from nnsae.train import TrainConfig
-from nnsae.train.trainer import Trainer
+from nnsae.training import TrainConfig
+from nnsae.training.trainer import Trainer
 
 sae_lens = pytest.importorskip("sae_lens")
 

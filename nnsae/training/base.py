@@ -17,8 +17,8 @@ from torch import nn
 
 from nnsae.config import SAEConfig, parse_dtype
 from nnsae.architectures import SAE
-from nnsae.train import sparse
-from nnsae.train.config import TrainConfig
+from nnsae.training import sparse
+from nnsae.training.config import TrainConfig
 
 
 @dataclass
@@ -27,7 +27,7 @@ class StepContext:
 
     coefficients: dict[str, float] = field(default_factory=dict)  # scheduled sparsity coefficients
     dead_mask: torch.Tensor | None = None  # (d_sae,) bool, latents dead before this step
-    comm: Any = None  # nnsae.train.distributed.Comm in data-parallel runs
+    comm: Any = None  # nnsae.training.distributed.Comm in data-parallel runs
 
 
 @dataclass
@@ -154,7 +154,7 @@ class DensityAdaptive(TrainingSAE):
                 self.density.fill_(needed)
 
     def selection_matmul(self, x_in: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        from nnsae.train.sparse import biased_matmul
+        from nnsae.training.sparse import biased_matmul
 
         with torch.no_grad():
             return biased_matmul(x_in, W, b, torch.bfloat16 if self.cfg.autocast else None)
@@ -170,7 +170,7 @@ class DensityAdaptive(TrainingSAE):
         return margin.add_(z) > threshold
 
     def pattern_of(self, needed: torch.Tensor) -> Any:
-        from nnsae.train.sparse import Pattern
+        from nnsae.training.sparse import Pattern
 
         pattern = Pattern.from_flat(needed.reshape(-1).nonzero().squeeze(1), needed.shape[0], needed.shape[1])
         self.density.fill_(pattern.nnz / needed.numel())
@@ -179,7 +179,7 @@ class DensityAdaptive(TrainingSAE):
     def dots_at(self, x_in: torch.Tensor, W: torch.Tensor, b: torch.Tensor, z: torch.Tensor, pattern: Any
                 ) -> torch.Tensor:
         """Forward values of x_in W + b at the pattern (recomputed exactly when the selection ran in bf16)."""
-        from nnsae.train import sparse
+        from nnsae.training import sparse
 
         with torch.no_grad():
             if self.cfg.autocast:

@@ -23,9 +23,9 @@ import torch
 
 from nnsae.config import SAEConfig
 from nnsae.architectures import SAE
-from nnsae.train.base import StepContext
-from nnsae.train.sparse import Pattern, top_positive_flat
-from nnsae.train.topk import TopKTrainingSAE
+from nnsae.training.base import StepContext
+from nnsae.training.sparse import Pattern, top_positive_flat
+from nnsae.training.topk import TopKTrainingSAE
 
 
 class BatchTopKTrainingSAE(TopKTrainingSAE):

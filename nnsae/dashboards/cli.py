@@ -25,7 +25,7 @@ def _count(text: str) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
     from nnsae.cli import load_sae_arg
-    from nnsae.dashboard import dashboard
+    from nnsae.dashboards import dashboard
     from nnsae.models import load_model
 
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)

@@ -4,7 +4,7 @@ Two documents: `features/{i}.json` (`#/$defs/feature`, one record per feature, c
 records as SAEDashboard's Neuronpedia runner writes them: `frac_nonzero`, `pos_str`/`pos_values`,
 `neg_str`/`neg_values`, `freq_hist_data_*`, `logits_hist_data_*`, `activations[{tokens, values, bin_min, bin_max,
 bin_contains, qualifying_token_index}]`, plus nnsae's extra fields) and `features.json` (`#/$defs/index`, the SAE,
-the extraction, and one summary row per feature). See `nnsae.dashboard` for what each field means.
+the extraction, and one summary row per feature). See `nnsae.dashboards` for what each field means.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ AbsTopK; not ReLU'd) decoded without b_dec, `auxiliary_reconstruction_loss = aux
 mean_batch ‖e_aux − (x − x̂).detach()‖²`.
 
 With `sparse_kernels` (default) only the selection matmul is dense; all gradients go through the selected
-entries (`nnsae.train.sparse`). With `autocast`, that selection matmul runs in bf16 (5× faster than float32 on
+entries (`nnsae.training.sparse`). With `autocast`, that selection matmul runs in bf16 (5× faster than float32 on
 CPUs with AMX) and only proposes candidates: the top 2k per token by bf16 value are re-scored with exact float
 dot products and the exact top k kept, so rounding and bf16 ties do not bias which latents are chosen.
 """
@@ -21,9 +21,9 @@ from torch import nn
 
 from nnsae import kernels
 from nnsae.architectures import SAE
-from nnsae.train import sparse
-from nnsae.train.base import StepContext, StepOutput, TrainingSAE, mse
-from nnsae.train.sparse import Pattern
+from nnsae.training import sparse
+from nnsae.training.base import StepContext, StepOutput, TrainingSAE, mse
+from nnsae.training.sparse import Pattern
 
 
 class TopKTrainingSAE(TrainingSAE):

@@ -33,12 +33,12 @@ from safetensors.torch import load_file, save_file
 from nnsae.config import SAEMetadata
 from nnsae.harvest import release_free_memory
 from nnsae.architectures import SAE
-from nnsae.train import checkpoint as ckpt
-from nnsae.train.architectures import make_training_sae
-from nnsae.train.base import StepContext, StepOutput, TrainingSAE
-from nnsae.train.config import TrainConfig
-from nnsae.train.distributed import Comm, current_comm
-from nnsae.train.schedules import coefficient_at, lr_at
+from nnsae.training import checkpoint as ckpt
+from nnsae.training.architectures import make_training_sae
+from nnsae.training.base import StepContext, StepOutput, TrainingSAE
+from nnsae.training.config import TrainConfig
+from nnsae.training.distributed import Comm, current_comm
+from nnsae.training.schedules import coefficient_at, lr_at
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"

@@ -9,11 +9,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from nnsae.dashboard import render
-from nnsae.dashboard.data import ExtractionSource, FeatureData, logit_data, parse_features, read_manifest
-from nnsae.dashboard.logits import LogitEffectsUnavailable, logit_lens
-from nnsae.dashboard.schema import SCHEMA, SCHEMA_VERSION
-from nnsae.dashboard.tokens import TokenRenderer, display
+from nnsae.dashboards import render
+from nnsae.dashboards.data import ExtractionSource, FeatureData, logit_data, parse_features, read_manifest
+from nnsae.dashboards.logits import LogitEffectsUnavailable, logit_lens
+from nnsae.dashboards.schema import SCHEMA, SCHEMA_VERSION
+from nnsae.dashboards.tokens import TokenRenderer, display
 from nnsae.data import OFFLINE
 from nnsae.io.files import atomic_write
 from nnsae.neuronpedia import NEURONPEDIA_DOMAIN
@@ -55,7 +55,7 @@ def sae_info(name: str, sae: SAE | None, manifest: dict[str, Any]) -> dict[str, 
 
 def feature_record(fd: FeatureData, renderer: TokenRenderer, info: dict[str, Any], logit_method: str | None
                    ) -> dict[str, Any]:
-    """The JSON record of one feature (schema: `nnsae.dashboard.schema.FEATURE`)."""
+    """The JSON record of one feature (schema: `nnsae.dashboards.schema.FEATURE`)."""
     np_id = info.get("neuronpedia_id")
     model_id, _, source = (np_id or "").partition("/")
     counts, edges, under, over = render.trimmed_histogram(fd)
@@ -244,7 +244,7 @@ def dashboard(model: Any, sae_or_saes: SAE | Sequence[SAE] | Mapping[str, SAE] |
 
     Output: one SAE → `out/index.html` and `out/features/{i}.html`; several → `out/{name}/...` per SAE and an
     `out/index.html` listing them. Per SAE also `features/{i}.json` and `features.json`; `out/schema.json` is their
-    JSON Schema (see `nnsae.dashboard`).
+    JSON Schema (see `nnsae.dashboards`).
     """
     if isinstance(model, tuple) and len(model) == 2:
         model, pair_tokenizer = model

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from nnsae.train import sparse
-from nnsae.train.sparse import at
-from nnsae.train.base import DensityAdaptive, StepContext, StepOutput, fired_dense, mse
+from nnsae.training import sparse
+from nnsae.training.sparse import at
+from nnsae.training.base import DensityAdaptive, StepContext, StepOutput, fired_dense, mse
 
 
 class GatedTrainingSAE(DensityAdaptive):

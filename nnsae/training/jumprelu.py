@@ -13,7 +13,7 @@ Optional `pre_act_loss = coef · mean_batch Σ_i ReLU(θ_i − z_i) · dead_i ·
 Sparse path (`sparse_kernels`, once the previous step's density is at most `SPARSE_MAX_DENSITY`, see
 `DensityAdaptive`): every gradient
 above is zero outside the entries that are active (z > θ) or inside the STE window (|z − θ| < ε/2), so only those
-entries go through the sparse kernels of `nnsae.train.sparse`, as for TopK; the encoder matmul stays dense. Exact,
+entries go through the sparse kernels of `nnsae.training.sparse`, as for TopK; the encoder matmul stays dense. Exact,
 like the TopK kernels. Dense while the latents are dense (early training) or with `pre_act_loss_coefficient`.
 """
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
-from nnsae.train import sparse
-from nnsae.train.base import DensityAdaptive, StepContext, StepOutput, fired_dense, mse
+from nnsae.training import sparse
+from nnsae.training.base import DensityAdaptive, StepContext, StepOutput, fired_dense, mse
 
 
 def _rect(u: torch.Tensor) -> torch.Tensor:

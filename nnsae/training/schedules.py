@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from nnsae.train.config import TrainConfig
+from nnsae.training.config import TrainConfig
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:

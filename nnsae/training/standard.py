@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from nnsae.train import sparse
-from nnsae.train.base import DensityAdaptive, StepContext, StepOutput, fired_dense, mse
+from nnsae.training import sparse
+from nnsae.training.base import DensityAdaptive, StepContext, StepOutput, fired_dense, mse
 
 
 class StandardTrainingSAE(DensityAdaptive):

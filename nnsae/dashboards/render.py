@@ -15,8 +15,8 @@ import json
 import math
 from typing import Any, Sequence
 
-from nnsae.dashboard.data import Example, ExampleGroup, FeatureData
-from nnsae.dashboard.tokens import Token, TokenRenderer, display
+from nnsae.dashboards.data import Example, ExampleGroup, FeatureData
+from nnsae.dashboards.tokens import Token, TokenRenderer, display
 
 CSS = """
 :root{--fg:#1d2330;--mute:#6b7280;--line:#e5e7eb;--bg:#fff;--accent:#c2410c;--chip:#f3f4f6}

@@ -1,6 +1,6 @@
 """Data-parallel training with `torch.distributed` (gloo on CPU, nccl on GPU), launched by torchrun.
 
-    torchrun --nproc_per_node 2 my_train.py      # my_train.py calls nnsae.train.train(...) as usual
+    torchrun --nproc_per_node 2 my_train.py      # my_train.py calls nnsae.training.train(...) as usual
 
 `train()` notices an initialised process group (or one torchrun describes through its environment variables, which
 it then initialises) and:

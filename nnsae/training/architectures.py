@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from nnsae.train.base import TrainingSAE
-from nnsae.train.batchtopk import BatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAE
-from nnsae.train.config import ARCHITECTURES, TrainConfig
-from nnsae.train.gated import GatedTrainingSAE
-from nnsae.train.jumprelu import JumpReLUTrainingSAE
-from nnsae.train.standard import StandardTrainingSAE
-from nnsae.train.topk import AbsTopKTrainingSAE, TopKTrainingSAE
+from nnsae.training.base import TrainingSAE
+from nnsae.training.batchtopk import BatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAE
+from nnsae.training.config import ARCHITECTURES, TrainConfig
+from nnsae.training.gated import GatedTrainingSAE
+from nnsae.training.jumprelu import JumpReLUTrainingSAE
+from nnsae.training.standard import StandardTrainingSAE
+from nnsae.training.topk import AbsTopKTrainingSAE, TopKTrainingSAE
 
 TRAINING_CLASSES: dict[str, type[TrainingSAE]] = {
     cls.architecture: cls

@@ -13,13 +13,13 @@ text), sortable (click a header) and paginated (100 rows a page) by one inline s
 so 10k+ features stay fast; the state lives in the URL hash (`#sort=-density&q=the&page=2`).
 `features/{i}.html` (no script at all): density, max/mean activation, an inline-SVG activation histogram (log-spaced
 bins) with DENSITY, the top promoted/suppressed tokens and a histogram of the logit effects over the whole vocabulary
-with the exact formula used (`nnsae.dashboard.logits`), the tokens the feature fires on most, the top activating
+with the exact formula used (`nnsae.dashboards.logits`), the tokens the feature fires on most, the top activating
 contexts and random samples from equal-count activation quantiles; every token is shaded by the activation and has a
 tooltip with its text, id and activation; a Neuronpedia link when the SAE has a `neuronpedia_id`. Everything is
 inline (CSS, SVG, JS), nothing is fetched, pages open from the file system; all data is HTML-escaped and a
 Content-Security-Policy forbids any network access and any script but the index's own.
 
-JSON (`schema.json` is the JSON Schema, `nnsae.dashboard.schema`; field names follow the Neuronpedia feature records
+JSON (`schema.json` is the JSON Schema, `nnsae.dashboards.schema`; field names follow the Neuronpedia feature records
 that SAEDashboard's Neuronpedia runner writes, where one exists). `features/{i}.json`, one per feature:
 
 - `schema_version` (1); `modelId`, `layer`: the Neuronpedia model id and source id (the two halves of
@@ -54,26 +54,13 @@ frac_nonzero, firing_count, max_act, mean_act, max_act_tokens, pos_str, neg_str,
 are display forms: newline as ↵, tab as ⇥).
 """
 
-import sys
-import types
-
-from nnsae.dashboard.build import build_site, dashboard, feature_record
-from nnsae.dashboard.data import ExtractionSource, FeatureData, parse_features
-from nnsae.dashboard.logits import LogitEffectsUnavailable, LogitLens, logit_effects, logit_lens
-from nnsae.dashboard.schema import SCHEMA, subschema
-from nnsae.dashboard.tokens import TokenRenderer, display
+from nnsae.dashboards.build import build_site, dashboard, feature_record
+from nnsae.dashboards.data import ExtractionSource, FeatureData, parse_features
+from nnsae.dashboards.logits import LogitEffectsUnavailable, LogitLens, logit_effects, logit_lens
+from nnsae.dashboards.schema import SCHEMA, subschema
+from nnsae.dashboards.tokens import TokenRenderer, display
 
 __all__ = ["SCHEMA", "ExtractionSource", "FeatureData", "LogitEffectsUnavailable", "LogitLens", "TokenRenderer",
            "build_site", "dashboard", "display", "feature_record", "logit_effects", "logit_lens", "parse_features",
            "subschema"]
 
-
-class _CallableModule(types.ModuleType):
-    """`nnsae.dashboard(...)` calls `nnsae.dashboard.dashboard(...)`, so the package can be exported as the function
-    without shadowing the subpackage (`import nnsae.dashboard.cli` and `from nnsae.dashboard import ...` still work)."""
-
-    def __call__(self, *args, **kwargs):
-        return dashboard(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
