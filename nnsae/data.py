@@ -196,10 +196,18 @@ class Chunk:
     positions: torch.Tensor
 
 
-def special_token_ids(tokenizer: Any) -> set[int]:
-    """BOS/EOS/PAD/SEP/CLS ids, which SAELens' `exclude_special_tokens=True` leaves out of training data."""
-    ids = {getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "sep", "cls")}
-    return {i for i in ids if i is not None}
+def special_token_ids(source: Any) -> set[int]:
+    """The special token ids SAELens' ``exclude_special_tokens=True`` leaves out: BOS, EOS, PAD, SEP and
+    decoder-start, read from a tokenizer, a model config or a generation config (list-valued ids included). The one
+    definition of "special tokens" in nnsae (training data, evaluation, extraction statistics, attached SAEs)."""
+    ids: set[int] = set()
+    for name in ("bos", "eos", "pad", "sep", "decoder_start"):
+        value = getattr(source, f"{name}_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
 
 
 def pack(documents: Iterable[Document], tokenizer: Any, context_size: int, prepend_bos: bool = True,

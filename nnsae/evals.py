@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from nnsae.data import OFFLINE, batched, iter_documents, pack, special_token_ids
-from nnsae.harvest import Harvester, as_nnsight, hf_module
+from nnsae.harvest import Harvester
+from nnsae.seam import as_nnsight, unwrap_model
 from nnsae.hooks import HookPoint, resolve_hook
 from nnsae.architectures import SAE
 
@@ -166,7 +167,7 @@ def evaluate(model: Any, saes: SAE | Sequence[SAE], dataset: str | Sequence[str]
     points = [p for spec in specs for p in (spec.read, spec.write)]
     harvester = Harvester(nn_model, points)
     excluded = torch.tensor(sorted(special_token_ids(tokenizer)) if exclude_special_tokens else [])
-    device = next(hf_module(nn_model).parameters()).device
+    device = next(unwrap_model(nn_model).parameters()).device
 
     docs = iter_documents(dataset, split=split, text_column=text_column)
     chunks = pack(docs, tokenizer, context_size, prepend_bos=items[0].cfg.metadata.prepend_bos is not False)

@@ -47,7 +47,8 @@ from torch import nn
 
 from nnsae import native
 from nnsae.data import OFFLINE, Chunk, iter_documents, pack, special_token_ids
-from nnsae.harvest import Harvester, as_nnsight, hf_module
+from nnsae.harvest import Harvester
+from nnsae.seam import as_nnsight, unwrap_model
 from nnsae.hooks import HookPoint, resolve_hook
 from nnsae.io.files import atomic_write
 from nnsae.architectures import SAE
@@ -614,7 +615,7 @@ def extract(model: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE], dataset: 
     if n_tokens is not None and n_tokens < 1:
         raise ValueError(f"n_tokens={n_tokens} must be ≥ 1 (or None for the whole dataset).")
     nn_model = as_nnsight(model)
-    hf = hf_module(nn_model)
+    hf = unwrap_model(nn_model)
     if tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:

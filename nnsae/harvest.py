@@ -14,33 +14,12 @@ from typing import Any, Iterator, Sequence
 
 import nnsight
 import torch
-from nnsight.intervention.envoy import Envoy
 
 from nnsae.config import parse_dtype
 from nnsae.data import OFFLINE, Chunk, batched, iter_documents, pack, special_token_ids
-from nnsae.hooks import HookPoint, get_module, resolve_hook
+from nnsae.hooks import HookPoint, get_module, is_tl_hook, resolve_hook
+from nnsae.seam import as_nnsight, unwrap_model
 from nnsae.io.files import read_json, read_safetensors, write_json, write_safetensors
-
-
-def is_tl_hook_name(name: str) -> bool:
-    return name.startswith("blocks.") or name.startswith("hook_")
-
-
-def resolve_point(model: Any, hook: str | HookPoint) -> HookPoint:
-    """A user's hook string (TransformerLens name, or HF module path with optional `.input`/`.output`)."""
-    if isinstance(hook, HookPoint):
-        return hook
-    spec = resolve_hook(model, hook_name=hook) if is_tl_hook_name(hook) else resolve_hook(model, hook=hook)
-    return spec.read
-
-
-def as_nnsight(model: Any) -> Envoy:
-    """An nnsight wrapper of `model` (returned unchanged when it already is one)."""
-    return model if isinstance(model, Envoy) else nnsight.NNsight(model)
-
-
-def hf_module(model: Any) -> torch.nn.Module:
-    return model._module if isinstance(model, Envoy) else model
 
 
 class _ProbeDone(Exception):
@@ -50,7 +29,7 @@ class _ProbeDone(Exception):
 def execution_order(model: Any, points: Sequence[HookPoint]) -> tuple[list[int], list[int]]:
     """(indices of `points` in the order the forward reaches them, activation width of each point), found with
     one single-token forward and plain torch hooks."""
-    hf = hf_module(model)
+    hf = unwrap_model(model)
     events: list[tuple[str, str]] = []
     widths: dict[tuple[str, str], int] = {}
     handles = []
@@ -119,12 +98,12 @@ class Harvester:
     def __init__(self, model: Any, hooks: Sequence[str | HookPoint]):
         _keep_freed_heap()
         self.model = as_nnsight(model)
-        self.points = [resolve_point(self.model, h) for h in hooks]
+        self.points = [resolve_hook(self.model, h).read for h in hooks]
         self.order, self.widths = execution_order(self.model, self.points)
 
     @property
     def device(self) -> torch.device:
-        return next(hf_module(self.model).parameters()).device
+        return next(unwrap_model(self.model).parameters()).device
 
     def __call__(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """[batch, pos] token ids → one [batch, pos, width] activation per hook point (in the SAE's space)."""
@@ -177,7 +156,7 @@ class ActivationStore:
             raise ValueError("ActivationStore needs at least one hook.")
         self.hooks = list(hooks)
         self.harvester = Harvester(model, self.hooks)
-        hf = hf_module(self.harvester.model)
+        hf = unwrap_model(self.harvester.model)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if self.tokenizer is None:
             raise ValueError("ActivationStore needs the model's tokenizer: pass tokenizer=...")
@@ -213,10 +192,11 @@ class ActivationStore:
         point = self.harvester.points[self.hooks.index(hook)]
         # A module path as hook_name means that module's output to SAELens (HookedProxyLM, which it selects by
         # model_class_name="AutoModelForCausalLM"); inputs only have an hf_hook_name.
-        proxy = {"model_class_name": "AutoModelForCausalLM"} if not is_tl_hook_name(hook) and point.io == "output" else {}
+        tl_name = is_tl_hook(self.harvester.model, hook)
+        proxy = {"model_class_name": "AutoModelForCausalLM"} if not tl_name and point.io == "output" else {}
         return {
             "model_name": self.model_name,
-            "hook_name": hook if is_tl_hook_name(hook) else point.module,
+            "hook_name": hook if tl_name else point.module,
             "hf_hook_name": f"{point.module}.{point.io}",
             **proxy,
             "context_size": self.context_size,

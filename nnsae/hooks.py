@@ -23,9 +23,10 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
-from nnsight.intervention.envoy import Envoy
 
-__all__ = ["HookPoint", "HookSpec", "resolve_hook", "translate_tl_hook", "get_module"]
+from nnsae.seam import unwrap_model
+
+__all__ = ["HookPoint", "HookSpec", "hook_label", "is_tl_hook", "resolve_hook", "translate_tl_hook", "get_module"]
 
 NormKind = Literal["layernorm", "rmsnorm"]
 
@@ -171,8 +172,6 @@ _FAMILIES: dict[str, _Family] = {
     "gemma": _GEMMA,
     "gemma2": _GEMMA2,
     "gemma3_text": _GEMMA2,
-    # Multimodal Gemma 3 (Gemma3ForConditionalGeneration): the text decoder sits at model.language_model.
-    "gemma3": replace(_GEMMA2, layers="model.language_model.layers"),
 }
 
 _LAYER_HOOKS = (
@@ -204,11 +203,11 @@ _EXPLICIT_HINT = (
 def get_module(model: Any, path: str) -> torch.nn.Module:
     """The submodule at ``path`` (relative to the HF model root; ``""`` is the root itself).
 
-    ``model`` may be an HF model or an nnsight wrapper (``NNsight``, ``LanguageModel``,
-    ``TransformersModel``). A path written for a ``*ForCausalLM`` model also works on its bare base model
-    (``model.layers.3`` on a ``LlamaModel``).
+    ``model`` may be an HF model or an nnsight wrapper. A path written for a ``*ForCausalLM`` model also works on its
+    bare base model (``model.layers.3`` on a ``LlamaModel``) and on a multimodal wrapper of the same text model
+    (``model.language_model.layers.3`` on ``Gemma3ForConditionalGeneration``).
     """
-    root = _unwrap(model)
+    root = unwrap_model(model)
     return root.get_submodule(_locate(root, path))
 
 
@@ -219,8 +218,8 @@ def translate_tl_hook(hook_name: str, config: Any) -> HookPoint:
     ``*ForCausalLM`` model. Weight-processing options (``center_writing_weights``…) are applied by
     :func:`resolve_hook`, not here.
     """
-    family = _family(config)
-    text_config = config.get_text_config()  # multimodal configs nest the decoder's config
+    text_config = _text_config(config)  # multimodal configs nest the decoder's config
+    family = _family(text_config)
     if hook_name == "hook_embed":
         return HookPoint(family.embed, "output") if family.embed else HookPoint(f"{family.layers}.0", "input")
     match = _TL_HOOK.fullmatch(hook_name)
@@ -265,28 +264,44 @@ def translate_tl_hook(hook_name: str, config: Any) -> HookPoint:
     return HookPoint(f"{layer}.{norm}", "input", normalize=family.norm, eps=eps)
 
 
+HookTarget = Any  # str (HF path or TL name) | HookPoint | HookSpec | SAE
+
+
 def resolve_hook(
     model: Any,
-    sae: Any = None,
+    target: HookTarget = None,
     *,
-    hook: str | None = None,
+    hook: str | HookPoint | HookSpec | None = None,
     hook_name: str | None = None,
     hf_hook_name: str | None = None,
     hf_hook_name_out: str | None = None,
     hook_name_out: str | None = None,
     model_from_pretrained_kwargs: dict[str, Any] | None = None,
 ) -> HookSpec:
-    """Where ``sae`` reads and writes in ``model`` (an HF model or an nnsight wrapper).
+    """Where something reads and writes in ``model`` (an HF model or an nnsight wrapper): the one hook resolver.
 
-    Names come from the keyword arguments, else from ``sae.cfg.metadata``. Read side, first found wins:
-    ``hook``, ``hf_hook_name``, ``hook_name`` (TL, translated by model type), then the SAE's
-    ``hf_hook_name`` and ``hook_name``. ``hook``/``hf_hook_name`` are HF module paths with an optional
-    ``.input``/``.output`` suffix (bare path: the output). Write side: ``hf_hook_name_out``,
-    ``hook_name_out``, then the SAE's (only where they differ from its input hook, i.e. transcoders),
-    else the read point. TL-processing options in ``model_from_pretrained_kwargs`` adjust translated
-    TL hooks; HF paths are used as they are.
+    ``target`` (or ``hook=``) is whatever a user or an SAE gives: an HF module path with an optional
+    ``.input``/``.output`` suffix (bare path: the output), a TransformerLens name (``blocks.6.hook_resid_post``,
+    translated by the model family's table), a `HookPoint`/`HookSpec`, or an SAE. For an SAE the names come from
+    ``sae.cfg.metadata``: ``hf_hook_name``, then ``hook_name``; the write side of a transcoder from
+    ``hf_hook_name_out``/``hook_name_out`` (only where they differ from the input hook). Keyword names override the
+    SAE's. When the model wraps a text model (``Gemma3ForConditionalGeneration``, Llava-style wrappers), paths written
+    for the ``*ForCausalLM`` model and TL names resolve against the text model. TL weight-processing options
+    (``model_from_pretrained_kwargs``, else the SAE's) adjust translated TL hooks; HF paths are used as they are.
+    Unknown names raise one ValueError listing the closest real module paths.
     """
-    hf_model = _unwrap(model)
+    sae = None
+    if isinstance(target, (str, HookPoint, HookSpec)):
+        if hook is not None:
+            raise ValueError("resolve_hook: give the hook once, as `target` or as `hook=`, not both.")
+        hook = target
+    elif target is not None:
+        sae = target
+    if isinstance(hook, HookSpec):
+        return hook
+    if isinstance(hook, HookPoint):
+        return HookSpec(read=hook, write=hook)
+    hf_model = unwrap_model(model)
     metadata = getattr(getattr(sae, "cfg", None), "metadata", None)
 
     def saved(key: str) -> Any:
@@ -302,18 +317,13 @@ def resolve_hook(
     read = _first_point(
         hf_model,
         processing,
-        [
-            ("hf", hook),
-            ("hf", hf_hook_name),
-            ("tl", hook_name),
-            ("hf", saved("hf_hook_name")),
-            ("tl", saved("hook_name")),
-        ],
+        [("any", hook), ("hf", hf_hook_name), ("tl", hook_name), ("hf", saved("hf_hook_name")),
+         ("tl", saved("hook_name"))],
     )
     if read is None:
         raise ValueError(
-            "No hook point: pass hook='module.path[.input|.output]', hf_hook_name= or hook_name=, "
-            "or an SAE whose cfg.metadata has hook_name / hf_hook_name."
+            "No hook point: pass an HF module path ('model.layers.6', 'model.layers.6.input'), a TransformerLens "
+            "name ('blocks.6.hook_resid_post'), or an SAE whose cfg.metadata has hf_hook_name or hook_name."
         )
     write = _first_point(
         hf_model,
@@ -323,19 +333,41 @@ def resolve_hook(
     return HookSpec(read=read, write=write or read)
 
 
+def hook_label(point: HookPoint) -> str:
+    """How a point is written back as a string that `resolve_hook` reads: ``module`` or ``module.input``."""
+    return point.module if point.io == "output" else f"{point.module}.input"
+
+
 def _first_point(
-    hf_model: torch.nn.Module, processing: dict[str, Any], names: list[tuple[Literal["hf", "tl"], str | None]]
+    hf_model: torch.nn.Module, processing: dict[str, Any], names: list[tuple[str, str | None]]
 ) -> HookPoint | None:
-    """The point named by the first given name: an HF module path ("hf") or a TL hook name ("tl")."""
+    """The point named by the first given name: an HF module path ("hf"), a TL hook name ("tl"), or either ("any":
+    a path that exists in the model wins; otherwise a TL-shaped name is translated)."""
     for kind, name in names:
         if name is None:
             continue
+        if not isinstance(name, str):
+            raise TypeError(f"A hook name must be a string, a HookPoint or a HookSpec, got {type(name).__name__}.")
+        if kind == "any":
+            kind = "tl" if is_tl_hook(hf_model, name) else "hf"
         if kind == "hf":
             module, io = _split_io_suffix(name)
             return HookPoint(_locate(hf_model, module), io)
         point = _with_processing(name, translate_tl_hook(name, hf_model.config), hf_model.config, processing)
         return replace(point, module=_locate(hf_model, point.module))
     return None
+
+
+def is_tl_hook(model: Any, name: Any) -> bool:
+    """Whether `resolve_hook` reads ``name`` as a TransformerLens hook name (``hook_embed``, ``blocks.L.…``) rather
+    than as an HF module path (a path that exists in the model wins)."""
+    if not isinstance(name, str) or not (name == "hook_embed" or name.startswith("blocks.")):
+        return False
+    try:
+        _locate(unwrap_model(model), _split_io_suffix(name)[0])
+    except ValueError:
+        return True
+    return False
 
 
 def _split_io_suffix(path: str) -> tuple[str, Literal["input", "output"]]:
@@ -352,7 +384,7 @@ def _split_io_suffix(path: str) -> tuple[str, Literal["input", "output"]]:
 def _with_processing(tl_name: str, point: HookPoint, config: Any, processing: dict[str, Any]) -> HookPoint:
     """Adjust a translated TL hook for the weight processing TL applied when the SAE was trained."""
     hook = tl_name.split(".", 2)[-1] if tl_name.startswith("blocks.") else tl_name
-    family = _family(config)
+    family = _family(_text_config(config))
     # TL centres writing weights only for LayerNorm models (it ignores the flag for RMSNorm ones), which
     # makes every residual-stream value zero-mean over d_model.
     if processing.get("center_writing_weights") and family.norm == "layernorm" and hook in _RESIDUAL_HOOKS:
@@ -374,7 +406,13 @@ def _with_processing(tl_name: str, point: HookPoint, config: Any, processing: di
     return point
 
 
+def _text_config(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
 def _family(config: Any) -> _Family:
+    """The hook table of a (text) config's model family."""
     model_type = getattr(config, "model_type", None)
     if model_type not in _FAMILIES:
         raise ValueError(
@@ -384,25 +422,44 @@ def _family(config: Any) -> _Family:
     return _FAMILIES[model_type]
 
 
-def _unwrap(model: Any) -> torch.nn.Module:
-    """The HF module inside an nnsight wrapper (or the model itself)."""
-    return model._module if isinstance(model, Envoy) else model
-
-
 def _locate(root: torch.nn.Module, path: str) -> str:
-    """``path`` as it exists in ``root``; on a bare base model, the ``*ForCausalLM`` prefix is dropped."""
-    try:
-        root.get_submodule(path)
-        return path
-    except AttributeError:
-        pass
+    """``path`` as it exists in ``root``. A path written for the ``*ForCausalLM`` model is mapped onto a bare base
+    model (prefix dropped) and onto a wrapper whose text model sits elsewhere (``model.`` → the decoder's path, as
+    ``get_decoder()`` names it: ``model.language_model.`` for Gemma 3 / Llava-style models)."""
     names = {name for name, _ in root.named_modules()}
-    prefix = f"{getattr(root, 'base_model_prefix', '')}."
-    if getattr(root, "base_model", None) is root and path.startswith(prefix) and path[len(prefix):] in names:
-        return path[len(prefix):]
+    if path in names:
+        return path
+    head, _, rest = path.partition(".")
+    prefix = getattr(root, "base_model_prefix", "")
+    if rest and head == prefix and getattr(root, "base_model", None) is root and rest in names:
+        return rest
+    decoder_path = _decoder_path(root)
+    if rest and head == prefix and decoder_path not in (None, head):
+        candidate = f"{decoder_path}.{rest}" if decoder_path else rest
+        if candidate in names:
+            return candidate
     close = difflib.get_close_matches(path, sorted(names), n=5, cutoff=0.5)
     hint = f" Closest: {', '.join(close)}." if close else ""
-    raise ValueError(f"No module {path!r} in {type(root).__name__} (paths are relative to the HF model root).{hint}")
+    raise ValueError(
+        f"No module {path!r} in {type(root).__name__} (paths are relative to the HF model root, with an optional "
+        f".input/.output suffix; TransformerLens names like 'blocks.0.hook_resid_pre' work for: "
+        f"{', '.join(sorted(_FAMILIES))}).{hint}"
+    )
+
+
+def _decoder_path(root: torch.nn.Module) -> str | None:
+    """Where the text decoder (``get_decoder()``) sits in ``root``, or None when it has none."""
+    get_decoder = getattr(root, "get_decoder", None)
+    if not callable(get_decoder):
+        return None
+    try:
+        decoder = get_decoder()
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    for name, module in root.named_modules():
+        if module is decoder:
+            return name
+    return None
 
 
 def _normalized(x: torch.Tensor, kind: NormKind, eps: float) -> torch.Tensor:

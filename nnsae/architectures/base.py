@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from nnsae.config import SAEConfig, dtype_name, parse_dtype
+from nnsae.seam import module_observed
 
 HOOK_NAMES = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error",
               "hook_sae_output")
@@ -129,15 +130,7 @@ class SAE(nn.Module):
         global module hooks), a module that is not a plain `nn.Identity`, or a replaced `forward` (nnsight installs
         one on every module it wraps, and keeps it). Fast paths that skip a dense tensor run only when not. The
         answer ignores `_hooks_enabled`, so a clean (hook-free) recomputation takes the kernels the hooked one took."""
-        from torch.nn.modules import module as torch_module
-
-        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-            return True
-        for name in names:
-            m = getattr(self, name)
-            if type(m) is not nn.Identity or m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
-                return True
-        return False
+        return any(module_observed(getattr(self, name)) for name in names)
 
     _caller_grad: bool | None = None  # the grad mode clean_reconstruct mirrors (it runs under no_grad)
 

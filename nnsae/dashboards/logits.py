@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from nnsae.harvest import as_nnsight, hf_module
+from nnsae.seam import as_nnsight, unwrap_model
 from nnsae.hooks import get_module, resolve_hook
 
 
@@ -199,7 +199,7 @@ def logit_lens(model: Any, sae: Any, vocab_size: int | None = None) -> LogitLens
 
     `vocab_size` (e.g. `len(tokenizer)`) limits the tokens to real ones when the unembedding is padded."""
     nn_model = as_nnsight(model)
-    hf = hf_module(nn_model)
+    hf = unwrap_model(nn_model)
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     if head is None or getattr(head, "weight", None) is None:
         raise LogitEffectsUnavailable("the model has no output embeddings (lm_head)")
