@@ -326,8 +326,8 @@ def fresh_hook_view(module: nn.Module, fresh: dict[str, nn.Module], device: torc
             view.__dict__[name] = type(view.__dict__[name])()
     if device is not None:
         view.__dict__["_parameters"] = {
-            name: None if p is None else nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
+            name: None if p is None else nn.Parameter(p.detach().to(device, copy=True), requires_grad=p.requires_grad)
             for name, p in module._parameters.items()}
-        view.__dict__["_buffers"] = {name: None if b is None else b.to(device)
+        view.__dict__["_buffers"] = {name: None if b is None else b.to(device, copy=True)
                                      for name, b in module._buffers.items()}
     return view
