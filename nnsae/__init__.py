@@ -2,8 +2,8 @@
 
 from nnsae import models, neuronpedia
 from nnsae.architectures import ARCHITECTURES, SAE, register_architecture
-from nnsae.attach import (SAEHandle, SAEOrderError, attach, attached, detach, feature_attribution,
-                          run_with_cache_with_saes, run_with_saes, saes, splice, steer)
+from nnsae.attach import (SAEHandle, SAEOrderError, attach, attached, detach, feature_attribution, run_with_cache,
+                          run_with_cache_with_saes, run_with_hooks_with_saes, run_with_saes, saes, splice, steer)
 from nnsae.config import SAEConfig, SAEMetadata
 from nnsae.dashboards import dashboard
 from nnsae.data import offline_corpus
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = ["ARCHITECTURES", "ActivationStore", "Harvester", "HookPoint", "HookSpec", "SAE", "SAEConfig", "SAEHandle",
            "SAEMetadata", "SAEOrderError", "TrainConfig", "attach", "attached", "detach", "evaluate",
            "feature_attribution", "list_pretrained", "load_model", "load_smollm2", "models", "offline_corpus",
-           "register_architecture", "resolve_hook", "run_with_cache_with_saes", "run_with_saes", "saes", "splice",
+           "register_architecture", "resolve_hook", "run_with_cache", "run_with_cache_with_saes", "run_with_hooks_with_saes",
+           "run_with_saes", "saes", "splice",
            "steer", "train", "dashboard", "neuronpedia", "upload_saes_to_huggingface", "extract", "load_features",
            "load_feature_stats"]

@@ -26,7 +26,7 @@ import torch
 
 from nnsae.seam import unwrap_model
 
-__all__ = ["HookPoint", "HookSpec", "hook_label", "is_tl_hook", "resolve_hook", "translate_tl_hook", "get_module"]
+__all__ = ["HookPoint", "HookSpec", "hook_label", "is_tl_hook", "resolve_hook", "tl_hook_names", "translate_tl_hook", "get_module"]
 
 NormKind = Literal["layernorm", "rmsnorm"]
 
@@ -331,6 +331,28 @@ def resolve_hook(
         [("hf", hf_hook_name_out), ("tl", hook_name_out), ("hf", saved_hf_out), ("tl", saved_tl_out)],
     )
     return HookSpec(read=read, write=write or read)
+
+
+def tl_hook_names(model: Any) -> list[str]:
+    """Every TransformerLens hook name `resolve_hook` translates on ``model``, in forward order (empty for a model
+    family without a table)."""
+    root = unwrap_model(model)
+    config = getattr(root, "config", None)
+    text_config = _text_config(config)
+    if getattr(text_config, "model_type", None) not in _FAMILIES:
+        return []
+    names = ["hook_embed"]
+    per_layer = ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_z", "hook_attn_out", "hook_resid_mid",
+                 "hook_mlp_in", "ln2.hook_normalized", "mlp.hook_in", "mlp.hook_post", "hook_mlp_out",
+                 "hook_resid_post")
+    for layer in range(text_config.num_hidden_layers):
+        for hook in per_layer:
+            try:
+                translate_tl_hook(f"blocks.{layer}.{hook}", config)
+            except ValueError:  # e.g. resid_mid of a parallel-residual model
+                continue
+            names.append(f"blocks.{layer}.{hook}")
+    return names
 
 
 def hook_label(point: HookPoint) -> str:

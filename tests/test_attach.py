@@ -333,7 +333,7 @@ def test_two_saes_at_different_layers_and_chained_at_one_hook():
     with torch.no_grad(), model.trace(IDS):
         ha = attach(model, a, hook="transformer.h.0")
         hb = attach(model, b, hook="transformer.h.2")
-        hc = attach(model, c, hook="transformer.h.2")  # same hook: chained after b
+        hc = attach(model, c, hook="transformer.h.2", stack=True)  # same hook, asked to stack: chained after b
         names = nnsight.save((hb.name, hc.name))
         fa = ha.hook_sae_acts_post.output.save()
         fb = model.transformer.h[2].sae.hook_sae_acts_post.output.save()
@@ -342,6 +342,30 @@ def test_two_saes_at_different_layers_and_chained_at_one_hook():
     assert names == ("sae", "sae_1")
     torch.testing.assert_close(logits, want, atol=ATOL, rtol=0)
     assert fa.shape == fb.shape == fc.shape == (2, 8, 96)
+
+
+def test_a_second_sae_at_an_occupied_hook_replaces_the_first_as_in_saelens():
+    """SAELens' add_sae overwrites the SAE at a hook; its saes()/run_with_saes restore the previous one after."""
+    hf = tiny_model("gpt2")
+    a = make_sae(D_MODEL, seed=1, hook_name="blocks.1.hook_resid_post")
+    b = make_sae(D_MODEL, seed=2, hook_name="blocks.1.hook_resid_post")
+    want = {}
+    for name, s in (("a", a), ("b", b)):
+        with torch.no_grad(), torch_hook(layer(hf, "gpt2", 1), "output", lambda x, s=s: ref_decode(s, ref_encode(s, x))):
+            want[name] = hf(IDS).logits
+    model = nnsight.NNsight(hf)
+    with torch.no_grad():
+        ha = attach(model, a)
+        torch.testing.assert_close(nnsae.run_with_saes(model, IDS), want["a"], atol=ATOL, rtol=0)
+        torch.testing.assert_close(nnsae.run_with_saes(model, IDS, saes=[b]), want["b"], atol=ATOL, rtol=0)
+        assert nnsae.attached(model) == [ha]  # restored after the run
+        torch.testing.assert_close(nnsae.run_with_saes(model, IDS), want["a"], atol=ATOL, rtol=0)
+        hb = attach(model, b)  # persistent add at the same hook: replaces for good
+        assert nnsae.attached(model) == [hb] and not ha.attached
+        torch.testing.assert_close(nnsae.run_with_saes(model, IDS), want["b"], atol=ATOL, rtol=0)
+        nnsae.detach(model, hooks=["blocks.1.hook_resid_post"])
+        assert nnsae.attached(model) == []
+        torch.testing.assert_close(nnsae.run_with_saes(model, IDS), tiny_model("gpt2")(IDS).logits, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma2"])
@@ -665,9 +689,11 @@ def test_run_with_saes_cache_and_context_manager():
         assert attached(model) == []
         logits2, cache = run_with_cache_with_saes(model, IDS, saes=[a, b])
         torch.testing.assert_close(logits2, want, atol=ATOL, rtol=0)
-        assert set(cache) == {f"{n}.{h}" for n in ("blocks.0.hook_resid_post", "blocks.2.hook_resid_pre")
-                              for h in ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post",
-                                        "hook_sae_recons", "hook_sae_output")}
+        assert {k for k in cache if ".hook_sae_" in k} == {
+            f"{n}.{h}" for n in ("blocks.0.hook_resid_post", "blocks.2.hook_resid_pre")
+            for h in ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_output")}
+        # model points too, but not those an SAE sits at (SAELens' wrapper takes their place)
+        assert "blocks.1.hook_resid_post" in cache and "blocks.0.hook_resid_post" not in cache
         torch.testing.assert_close(cache["blocks.0.hook_resid_post.hook_sae_acts_post"], ref_encode(a, acts["a"]),
                                    atol=ATOL, rtol=0)
         _, cache = run_with_cache_with_saes(model, IDS, saes=[a], use_error_term=True,

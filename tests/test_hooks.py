@@ -314,8 +314,9 @@ GEMMA_TEMPLATES = {"gemma": "google/gemma-2b", "gemma2": "google/gemma-2-2b", "g
 NO_PROCESSING = dict(fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
 
 
-def tl_model(hf_model: transformers.PreTrainedModel, **processing):
-    """A HookedTransformer with `hf_model`'s weights, converted and processed by TransformerLens."""
+def tl_model(hf_model: transformers.PreTrainedModel, model_class=None, **processing):
+    """A HookedTransformer (or `model_class`, e.g. SAELens' HookedSAETransformer) with `hf_model`'s weights,
+    converted and processed by TransformerLens."""
     pytest.importorskip("transformer_lens")
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.loading_from_pretrained import convert_hf_model_config, get_pretrained_state_dict
@@ -347,7 +348,7 @@ def tl_model(hf_model: transformers.PreTrainedModel, **processing):
         cfg.update(n_ctx=64, device="cpu", dtype=torch.float32)
         fields = HookedTransformerConfig.__dataclass_fields__
         cfg = HookedTransformerConfig(**{key: value for key, value in cfg.items() if key in fields})
-        model = HookedTransformer(cfg)
+        model = (model_class or HookedTransformer)(cfg)
         state_dict = get_pretrained_state_dict(name, cfg, hf_model)
         model.load_and_process_state_dict(state_dict, **{**NO_PROCESSING, **processing})
     model.set_use_hook_mlp_in(True)

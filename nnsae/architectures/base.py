@@ -32,6 +32,7 @@ class SAE(nn.Module):
     config_fields: ClassVar[tuple[str, ...]] = ()  # architecture-specific SAEConfig fields written to cfg.json
     param_shapes: ClassVar[dict[str, str]] = {"W_enc": "in,sae", "W_dec": "sae,in", "b_enc": "sae", "b_dec": "in"}
     reshapes_input: ClassVar[bool] = True  # whether reshape_activations="hook_z" applies (not to transcoders)
+    use_error_term: bool = False  # SAELens' attribute: the default of `forward` and of `nnsae.attach`
 
     def __init__(self, cfg: SAEConfig):
         nn.Module.__init__(self)
@@ -47,6 +48,12 @@ class SAE(nn.Module):
             shape = tuple(dims[d] for d in spec.split(","))
             setattr(self, name, nn.Parameter(torch.zeros(shape, dtype=parse_dtype(cfg.dtype), device=cfg.device)))
         self.initialize_weights()
+
+    def __iter__(self) -> Any:
+        raise TypeError(
+            f"A {type(self).__name__} is one SAE, not a tuple: SAE.from_pretrained returns the SAE alone (SAELens 6). "
+            "For `sae, cfg_dict, sparsity = ...` use SAE.from_pretrained_with_cfg_and_sparsity(release, sae_id)."
+        )
 
     # ---- construction -------------------------------------------------------------------------------------------
 
@@ -256,7 +263,7 @@ class SAE(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode_decode(x)[1]
 
-    def forward(self, x: torch.Tensor, use_error_term: bool = False, target: torch.Tensor | None = None
+    def forward(self, x: torch.Tensor, use_error_term: bool | None = None, target: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """The SAE's reconstruction of `x`, through `hook_sae_output`.
 
@@ -265,7 +272,7 @@ class SAE(nn.Module):
         the target, and edits to features change only the reconstruction path (SAELens semantics).
         """
         out = self.reconstruct(x)
-        if use_error_term:
+        if self.use_error_term if use_error_term is None else use_error_term:
             if target is None:
                 if self.cfg.d_out is not None:
                     raise ValueError("A transcoder's error term needs `target=` (the activation at its output hook).")

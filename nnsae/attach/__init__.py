@@ -24,13 +24,15 @@ travel (nnsae registers itself with `nnsight.register` so its code ships by valu
 import nnsight
 
 from nnsae.attach.handle import SAEHandle
-from nnsae.attach.helpers import feature_attribution, run_with_cache_with_saes, run_with_saes, saes, steer
+from nnsae.attach.helpers import (Hook, feature_attribution, lm_loss, run_with_cache, run_with_cache_with_saes,
+                                  run_with_hooks_with_saes, run_with_saes, saes, steer)
 from nnsae.attach.mount import SAESplice, attach, attached, detach
 from nnsae.attach.splice import splice, splice_activation
 from nnsae.seam import SAEOrderError
 
-__all__ = ["SAEHandle", "SAEOrderError", "SAESplice", "attach", "attached", "detach", "feature_attribution",
-           "run_with_cache_with_saes", "run_with_saes", "saes", "splice", "splice_activation", "steer"]
+__all__ = ["Hook", "SAEHandle", "SAEOrderError", "SAESplice", "attach", "attached", "detach", "feature_attribution",
+           "lm_loss", "run_with_cache", "run_with_cache_with_saes", "run_with_hooks_with_saes", "run_with_saes", "saes",
+           "splice", "splice_activation", "steer"]
 
 # Ship nnsae's code by value in remote requests (a pip-installed package is not auto-registered by nnsight).
 nnsight.register("nnsae")

@@ -43,6 +43,7 @@ class SAEHandle:
         self._token_user = False
         self.envoy: Any = module
         self.attached = False
+        self.suspended = False
 
     # -- access ----------------------------------------------------------------------------------------------
 
@@ -57,6 +58,13 @@ class SAEHandle:
     @property
     def path(self) -> str | None:
         return self.envoy.path if is_nnsight(self.envoy) else None
+
+    @property
+    def cache_prefix(self) -> str:
+        """The prefix of this SAE's points in caches and hook names, as SAELens' HookedSAETransformer names them:
+        ``{hook_name}.hook_sae_acts_post``; a transcoder's points sit at its output hook (``hook_name_out``)."""
+        out = self.sae.cfg.metadata.hook_name_out
+        return out if self.module.transcoder and out else self.hook_name
 
     @property
     def read_path(self) -> str:
@@ -141,6 +149,20 @@ class SAEHandle:
 
     # -- removal -----------------------------------------------------------------------------------------------
 
+    def suspend(self) -> None:
+        """Stop running the SAE (its mount stays) until `resume`; what a temporary SAE at the same hook does to this
+        one (SAELens' ``saes()`` context replaces, then restores)."""
+        if self.attached and not self.suspended:
+            for module, io, op in reversed(self._ops):
+                self._state.remove_op(module, io, op)
+            self.suspended = True
+
+    def resume(self) -> None:
+        if self.attached and self.suspended:
+            for module, io, op in self._ops:
+                self._state.add_op(module, io, op)
+            self.suspended = False
+
     def detach(self) -> None:
         """Remove the SAE: hooks, mount and bookkeeping. Idempotent; safe inside or outside a trace."""
         if not self.attached:
@@ -148,7 +170,8 @@ class SAEHandle:
         self.attached = False
         state = self._state
         for module, io, op in reversed(self._ops):
-            state.remove_op(module, io, op)
+            if not self.suspended:
+                state.remove_op(module, io, op)
         self._ops = []
         if self._token_user:
             state.release_tokens()

@@ -1,9 +1,17 @@
-"""HookedSAETransformer-style helpers on top of `attach`: `saes`, `steer`, `run_with_saes`, `run_with_cache_with_saes`,
-`feature_attribution`."""
+"""HookedSAETransformer-style helpers on top of `attach`, with SAELens' names, arguments and semantics:
+`saes`, `run_with_saes`, `run_with_cache`, `run_with_cache_with_saes`, `run_with_hooks_with_saes`, `steer`,
+`feature_attribution`.
+
+Hook names are SAELens': an SAE's points are ``f"{hook_name}.hook_sae_acts_post"`` etc. (a transcoder's at its output
+hook), model points are TransformerLens names where the family is known (``blocks.3.hook_resid_post``), else HF
+module paths. A hook function is TransformerLens' ``fn(activation, hook)`` (``hook.name`` is the point's name) and may
+return a replacement. A temporary SAE at a hook that already has one replaces it for the run, which restores it after.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -11,26 +19,65 @@ from torch import nn
 
 from nnsae.architectures.base import HOOK_NAMES, SAE
 from nnsae.attach.handle import SAEHandle
-from nnsae.attach.mount import attach
-from nnsae.seam import is_nnsight
+from nnsae.attach.mount import attach, attached, occupants
+from nnsae.attach.splice import first_tensor, replace_first
+from nnsae.hooks import HookPoint, resolve_hook, tl_hook_names
+from nnsae.seam import is_nnsight, unwrap_model
 
-__all__ = ["feature_attribution", "run_with_cache_with_saes", "run_with_saes", "saes", "steer"]
+__all__ = ["Hook", "feature_attribution", "lm_loss", "run_with_cache", "run_with_cache_with_saes", "run_with_hooks_with_saes",
+           "run_with_saes", "saes", "steer"]
+
+RETURN_TYPES = ("logits", "loss", "both", "raw", None)
+HookFn = Callable[[torch.Tensor, "Hook"], "torch.Tensor | None"]
+NameFilter = "str | Sequence[str] | Callable[[str], bool] | None"
+
+
+@dataclass
+class Hook:
+    """What a hook function gets as its ``hook`` argument (TransformerLens' HookPoint, reduced to its data)."""
+
+    name: str
+    ctx: dict = field(default_factory=dict)
+
+    def layer(self) -> int:
+        parts = self.name.split(".")
+        if parts[0] != "blocks" or len(parts) < 2 or not parts[1].isdigit():
+            raise ValueError(f"{self.name!r} is not a layer's hook point.")
+        return int(parts[1])
 
 
 @contextlib.contextmanager
-def saes(model: Any, saes: SAE | Sequence[SAE] = (), *, use_error_term: bool | None = None, mode: str = "splice",
-         exclude_special_tokens: bool | Sequence[int] = False, hook: Any = None) -> Iterator[list[SAEHandle]]:
-    """Attach ``saes`` for the duration of the ``with`` block (SAELens ``model.saes(...)``); yields the handles."""
+def saes(model: Any, saes: SAE | Sequence[SAE] = (), *, reset_saes_end: bool = True,
+         use_error_term: bool | None = None, mode: str = "splice", exclude_special_tokens: bool | Sequence[int] = False,
+         hook: Any = None) -> Iterator[list[SAEHandle]]:
+    """Attach ``saes`` for the duration of the ``with`` block (SAELens ``model.saes(...)``); yields the handles.
+
+    An SAE already attached at the same input hook is suspended for the block and restored after. With
+    ``reset_saes_end=False`` the new SAEs stay attached (and replace the old ones for good)."""
     items = [saes] if isinstance(saes, SAE) else list(saes)
     handles: list[SAEHandle] = []
+    suspended: list[SAEHandle] = []
     try:
         for sae in items:
+            spec = resolve_hook(model, sae if hook is None else hook)
+            for old in occupants(model, spec):
+                old.suspend()
+                suspended.append(old)
             handles.append(attach(model, sae, hook=hook, mode=mode, use_error_term=use_error_term,
-                                  exclude_special_tokens=exclude_special_tokens, persistent=True))
+                                  exclude_special_tokens=exclude_special_tokens, persistent=True, stack=True))
         yield handles
     finally:
-        for handle in reversed(handles):
-            handle.detach()
+        if reset_saes_end:
+            for handle in reversed(handles):
+                handle.detach()
+            for old in reversed(suspended):
+                old.resume()
+        else:
+            for old in suspended:
+                old.detach()
+
+
+_with_saes = saes  # for the functions below, whose `saes` argument shadows the context manager
 
 
 def steer(model: Any, sae: SAE, feature: int | Sequence[int] | torch.Tensor,
@@ -40,86 +87,217 @@ def steer(model: Any, sae: SAE, feature: int | Sequence[int] | torch.Tensor,
 
     Scoped like `attach` (this trace inside a trace body, else until ``handle.detach()``)."""
     handle = attach(model, sae, hook=hook, mode="steer", persistent=persistent)
-    return handle.steer(feature, coeff, positions)
+    try:
+        return handle.steer(feature, coeff, positions)
+    except BaseException:
+        handle.detach()
+        raise
 
 
-def _forward(model: Any, args: tuple, kwargs: dict) -> Any:
-    if is_nnsight(model):
-        return model.trace(*args, trace=False, **kwargs)
-    return model(*args, **kwargs)
+# ---------------------------------------------------------------------------------------------------------------
+# one forward, its result as TransformerLens returns it
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def _logits(output: Any, return_type: str | None) -> Any:
-    if return_type is None or return_type == "raw":
+def lm_loss(logits: torch.Tensor, tokens: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    """TransformerLens' next-token cross-entropy: ``-log p(token[i+1] | ..i)``, per position ``[batch, pos-1]`` or
+    its mean."""
+    log_probs = logits.log_softmax(dim=-1)
+    predicted = log_probs[..., :-1, :].gather(dim=-1, index=tokens[..., 1:, None].to(logits.device))[..., 0]
+    return -predicted if per_token else -predicted.mean()
+
+
+def _forward(model: Any, args: tuple, kwargs: dict, return_type: str | None, loss_per_token: bool) -> Any:
+    if return_type not in RETURN_TYPES:
+        raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}.")
+    seen: list[torch.Tensor] = []
+
+    def remember(module: nn.Module, f_args: tuple, f_kwargs: dict) -> None:
+        ids = f_kwargs.get("input_ids")
+        if ids is None and f_args and isinstance(f_args[0], torch.Tensor) and not f_args[0].is_floating_point():
+            ids = f_args[0]
+        seen.append(ids)
+
+    handle = unwrap_model(model).register_forward_pre_hook(remember, with_kwargs=True)
+    try:
+        output = model.trace(*args, trace=False, **kwargs) if is_nnsight(model) else model(*args, **kwargs)
+    finally:
+        handle.remove()
+    if return_type == "raw":
         return output
+    if return_type is None:
+        return None
+    logits = output.logits if hasattr(output, "logits") else output
     if return_type == "logits":
-        return output.logits if hasattr(output, "logits") else output
-    raise ValueError(f"return_type must be 'logits', 'raw' or None, got {return_type!r}.")
+        return logits
+    if not seen or seen[0] is None:
+        raise ValueError(f"return_type={return_type!r} needs token ids (input_ids); the model was called without.")
+    loss = lm_loss(logits, seen[0], loss_per_token)
+    return loss if return_type == "loss" else (logits, loss)
 
 
 def run_with_saes(model: Any, *model_args: Any, saes: SAE | Sequence[SAE] = (), reset_saes_end: bool = True,
                   use_error_term: bool | None = None, exclude_special_tokens: bool | Sequence[int] = False,
-                  mode: str = "splice", return_type: str | None = "logits", **model_kwargs: Any) -> Any:
-    """One forward pass with ``saes`` attached (SAELens ``HookedSAETransformer.run_with_saes``); returns the logits
-    (``return_type="raw"``: the model's output object). ``reset_saes_end=False`` leaves them attached."""
-    items = [saes] if isinstance(saes, SAE) else list(saes)
-    handles = [attach(model, s, mode=mode, use_error_term=use_error_term,
-                      exclude_special_tokens=exclude_special_tokens, persistent=True) for s in items]
+                  mode: str = "splice", return_type: str | None = "logits", loss_per_token: bool = False,
+                  **model_kwargs: Any) -> Any:
+    """One forward pass with ``saes`` attached (SAELens ``run_with_saes``). ``return_type``: ``"logits"``,
+    ``"loss"`` (TransformerLens' mean next-token loss, or per token with ``loss_per_token``), ``"both"``, None, or
+    ``"raw"`` (the model's output object). ``reset_saes_end=False`` leaves them attached."""
+    with _with_saes(model, saes, reset_saes_end=reset_saes_end, use_error_term=use_error_term, mode=mode,
+                           exclude_special_tokens=exclude_special_tokens):
+        return _forward(model, model_args, model_kwargs, return_type, loss_per_token)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# named points: the model's (TL names / HF paths) and every attached SAE's
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sae_points(model: Any) -> dict[str, tuple[SAEHandle, str]]:
+    points: dict[str, tuple[SAEHandle, str]] = {}
+    for handle in attached(model):
+        for hook_name in HOOK_NAMES:
+            key = f"{handle.cache_prefix}.{hook_name}"
+            if key in points:
+                raise ValueError(f"Two attached SAEs share the hook name {handle.cache_prefix!r}; attach one with "
+                                 "another hook name or stack=False.")
+            points[key] = (handle, hook_name)
+    return points
+
+
+def _model_points(model: Any, replaced: set[str]) -> list[str]:
+    """TL model points, but not those an attached SAE sits at (in SAELens its wrapper takes their place)."""
+    return [name for name in tl_hook_names(model) if name not in replaced]
+
+
+def _filter(names_filter: Any) -> Callable[[str], bool]:
+    if names_filter is None:
+        return lambda name: True
+    if isinstance(names_filter, str):
+        return lambda name: name == names_filter
+    if callable(names_filter):
+        return names_filter
+    allowed = set(names_filter)
+    return lambda name: name in allowed
+
+
+def _on_point(model: Any, name: str, sae_points: dict[str, tuple[SAEHandle, str]],
+              fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Callable[[], None]:
+    """Call ``fn(activation)`` at the point ``name`` in every forward; a returned tensor replaces the activation.
+    Returns the remover."""
+    if name in sae_points:
+        handle, hook_name = sae_points[name]
+
+        def sae_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            return fn(output)
+
+        return getattr(handle.module, hook_name).register_forward_hook(sae_hook).remove
+    point: HookPoint = resolve_hook(model, name).read
+    module = unwrap_model(model).get_submodule(point.module)
+
+    def run(act: torch.Tensor) -> torch.Tensor | None:
+        new = fn(point.to_sae(act))
+        return None if new is None else point.from_sae(new, act).to(act.dtype)
+
+    if point.io == "output":
+        def out_hook(mod: nn.Module, args: tuple, output: Any) -> Any:
+            new = run(first_tensor(output))
+            return None if new is None else replace_first(output, new)
+
+        return module.register_forward_hook(out_hook).remove
+
+    def in_hook(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+        key = None if args else ("hidden_states" if "hidden_states" in kwargs else next(iter(kwargs)))
+        new = run(args[0] if args else kwargs[key])
+        if new is None:
+            return None
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, key: new})
+
+    return module.register_forward_pre_hook(in_hook, with_kwargs=True).remove
+
+
+def _expand(model: Any, hooks: Sequence[tuple[Any, HookFn]], sae_points: dict) -> list[tuple[str, HookFn]]:
+    """(name or name filter, fn) pairs → (name, fn), a filter standing for every known point it accepts."""
+    known = list(sae_points) + _model_points(model, set())
+    out = []
+    for name, fn in hooks:
+        if callable(name):
+            out += [(point, fn) for point in known if name(point)]
+        else:
+            out.append((name, fn))
+    return out
+
+
+def run_with_hooks_with_saes(model: Any, *model_args: Any, saes: SAE | Sequence[SAE] = (),
+                             fwd_hooks: Sequence[tuple[Any, HookFn]] = (), bwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+                             reset_saes_end: bool = True, use_error_term: bool | None = None,
+                             exclude_special_tokens: bool | Sequence[int] = False, return_type: str | None = "logits",
+                             loss_per_token: bool = False, **model_kwargs: Any) -> Any:
+    """One forward pass with ``saes`` attached and TransformerLens-style hooks (SAELens ``run_with_hooks_with_saes``).
+
+    ``fwd_hooks``/``bwd_hooks``: ``(name, fn)`` pairs, ``name`` an SAE point
+    (``blocks.8.hook_resid_pre.hook_sae_acts_post``), a model point (a TL name, or an HF module path with an
+    optional ``.input``/``.output``) or a filter ``name -> bool``. ``fn(activation, hook)`` may return a replacement.
+    A backward hook gets the gradient at its point (after you call ``.backward()`` on the result) and may return a
+    replacement gradient."""
+    with _with_saes(model, saes, reset_saes_end=reset_saes_end, use_error_term=use_error_term,
+                           exclude_special_tokens=exclude_special_tokens):
+        sae_points = _sae_points(model)
+        removers = []
+        try:
+            for name, fn in _expand(model, fwd_hooks, sae_points):
+                removers.append(_on_point(model, name, sae_points, lambda act, fn=fn, name=name: fn(act, Hook(name))))
+            for name, fn in _expand(model, bwd_hooks, sae_points):
+                def grad_hook(act: torch.Tensor, fn: HookFn = fn, name: str = name) -> None:
+                    if act.requires_grad:
+                        act.register_hook(lambda grad: fn(grad, Hook(name)))
+
+                removers.append(_on_point(model, name, sae_points, grad_hook))
+            return _forward(model, model_args, model_kwargs, return_type, loss_per_token)
+        finally:
+            for remove in reversed(removers):
+                remove()
+
+
+def run_with_cache(model: Any, *model_args: Any, names_filter: NameFilter = None, remove_batch_dim: bool = False,
+                   return_type: str | None = "logits", loss_per_token: bool = False,
+                   **model_kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """One forward pass, returning ``(result, cache)`` (TransformerLens ``run_with_cache``): the activations at every
+    model point (TL names where the family is known) and at every point of the SAEs attached to ``model``, under
+    SAELens' names, in forward order. Values are detached; ``remove_batch_dim`` drops a batch dimension of 1."""
+    keep = _filter(names_filter)
+    sae_points = _sae_points(model)
+    replaced = {handle.cache_prefix for handle, _ in sae_points.values()}
+    names = [n for n in list(sae_points) + _model_points(model, replaced) if keep(n)]
+    cache: dict[str, torch.Tensor] = {}
+
+    def record(name: str) -> Callable[[torch.Tensor], None]:
+        def store(act: torch.Tensor) -> None:
+            value = act.detach()
+            cache[name] = value[0] if remove_batch_dim and value.shape[0] == 1 else value
+        return store
+
+    removers = [_on_point(model, name, sae_points, record(name)) for name in names]
     try:
-        return _logits(_forward(model, model_args, model_kwargs), return_type)
+        result = _forward(model, model_args, model_kwargs, return_type, loss_per_token)
     finally:
-        if reset_saes_end:
-            for handle in reversed(handles):
-                handle.detach()
+        for remove in reversed(removers):
+            remove()
+    return result, cache
 
 
 def run_with_cache_with_saes(model: Any, *model_args: Any, saes: SAE | Sequence[SAE] = (),
                              reset_saes_end: bool = True, use_error_term: bool | None = None,
                              exclude_special_tokens: bool | Sequence[int] = False, mode: str = "splice",
-                             names_filter: str | Sequence[str] | Callable[[str], bool] | None = None,
-                             remove_batch_dim: bool = False, return_type: str | None = "logits",
+                             names_filter: NameFilter = None, remove_batch_dim: bool = False,
+                             return_type: str | None = "logits", loss_per_token: bool = False,
                              **model_kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Like `run_with_saes`, also returning the SAE hook activations keyed SAELens-style:
-    ``f"{hook_name}.hook_sae_acts_post"`` etc., where ``hook_name`` is the SAE's ``cfg.metadata.hook_name`` (else
-    its HF path). Values are detached; ``remove_batch_dim`` drops a batch dimension of 1."""
-    if isinstance(names_filter, str):
-        keep: Callable[[str], bool] = lambda key: key == names_filter  # noqa: E731
-    elif callable(names_filter):
-        keep = names_filter
-    elif names_filter is not None:
-        allowed = set(names_filter)
-        keep = lambda key: key in allowed  # noqa: E731
-    else:
-        keep = lambda key: True  # noqa: E731
-    items = [saes] if isinstance(saes, SAE) else list(saes)
-    cache: dict[str, torch.Tensor] = {}
-    torch_hooks = []
-    handles = []
-    try:
-        for sae in items:
-            handle = attach(model, sae, mode=mode, use_error_term=use_error_term,
-                            exclude_special_tokens=exclude_special_tokens, persistent=True)
-            handles.append(handle)
-            for hook_name in HOOK_NAMES:
-                key = f"{handle.hook_name}.{hook_name}"
-                if not keep(key):
-                    continue
-                if any(key.startswith(f"{h.hook_name}.") for h in handles[:-1]):
-                    raise ValueError(f"run_with_cache_with_saes: two SAEs share the hook name {handle.hook_name!r}.")
-
-                def record(module: nn.Module, args: tuple, output: torch.Tensor, key: str = key) -> None:
-                    value = output.detach()
-                    cache[key] = value[0] if remove_batch_dim and value.shape[0] == 1 else value
-
-                torch_hooks.append(getattr(handle.module, hook_name).register_forward_hook(record))
-        output = _forward(model, model_args, model_kwargs)
-    finally:
-        for torch_hook in torch_hooks:
-            torch_hook.remove()
-        if reset_saes_end:
-            for handle in reversed(handles):
-                handle.detach()
-    return _logits(output, return_type), cache
+    """`run_with_cache` with ``saes`` attached for the pass (SAELens ``run_with_cache_with_saes``): the cache holds
+    the model's points and those of every attached SAE, persistent or passed in."""
+    with _with_saes(model, saes, reset_saes_end=reset_saes_end, use_error_term=use_error_term, mode=mode,
+                           exclude_special_tokens=exclude_special_tokens):
+        return run_with_cache(model, *model_args, names_filter=names_filter, remove_batch_dim=remove_batch_dim,
+                              return_type=return_type, loss_per_token=loss_per_token, **model_kwargs)
 
 
 def feature_attribution(model: Any, sae: SAE, *model_args: Any, metric_fn: Callable[[Any], torch.Tensor],
@@ -132,7 +310,7 @@ def feature_attribution(model: Any, sae: SAE, *model_args: Any, metric_fn: Calla
     touched (`torch.autograd.grad`).
     """
     captured: list[torch.Tensor] = []
-    with saes(model, [sae], use_error_term=use_error_term, hook=hook) as (handle,):
+    with _with_saes(model, [sae], use_error_term=use_error_term, hook=hook) as (handle,):
         def leaf(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             value = output.detach().requires_grad_(True)
             captured.append(value)
@@ -141,8 +319,8 @@ def feature_attribution(model: Any, sae: SAE, *model_args: Any, metric_fn: Calla
         torch_hook = handle.module.hook_sae_acts_post.register_forward_hook(leaf)
         try:
             with torch.enable_grad():
-                output = _forward(model, model_args, model_kwargs)
-                metric = metric_fn(_logits(output, "logits"))
+                logits = _forward(model, model_args, model_kwargs, "logits", False)
+                metric = metric_fn(logits)
                 if metric.numel() != 1:
                     raise ValueError(f"metric_fn must return a scalar, got shape {tuple(metric.shape)}.")
                 (grad,) = torch.autograd.grad(metric.reshape(()), captured[0])

@@ -29,7 +29,7 @@ from nnsae.hooks import HookPoint, HookSpec, hook_label, resolve_hook
 from nnsae.seam import (already_ran_past, at_run_end, envoy_of, explain_order_errors, fresh_hook_view,
                         in_trace_body, install_output_hook, is_nnsight, unwrap_model)
 
-__all__ = ["MODES", "ModelState", "SAESplice", "attach", "attached", "detach"]
+__all__ = ["MODES", "ModelState", "SAESplice", "attach", "attached", "detach", "occupants"]
 
 MODES = ("splice", "observe", "steer")
 
@@ -296,7 +296,7 @@ def _special_ids(model: Any, root: nn.Module, exclude: bool | Sequence[int]) -> 
 
 def attach(model: Any, sae: SAE, *, hook: str | HookPoint | HookSpec | None = None, mode: str = "splice",
            use_error_term: bool | None = None, exclude_special_tokens: bool | Sequence[int] = False,
-           name: str | None = None, persistent: bool | None = None) -> SAEHandle:
+           name: str | None = None, persistent: bool | None = None, stack: bool = False) -> SAEHandle:
     """Attach ``sae`` to ``model`` (an nnsight `LanguageModel` / `TransformersModel` / `NNsight`, or a plain HF
     module) and return its `SAEHandle`.
 
@@ -315,8 +315,9 @@ def attach(model: Any, sae: SAE, *, hook: str | HookPoint | HookSpec | None = No
         name: attribute name of the mount on the hooked module (default ``"sae"``, then ``"sae_1"``, …).
         persistent: None (default) attaches for the current trace when called inside a trace body, else until
             `SAEHandle.detach`; True/False force it.
-
-    Several SAEs at the same hook are chained in attach order. A transcoder (different read and write hooks) captures
+        stack: False (default, SAELens' ``add_sae``): an SAE already attached at the same input hook is detached
+            and replaced. True: both run, chained in attach order (each sees the previous one's output).
+ A transcoder (different read and write hooks) captures
     its input at the read hook and replaces the activation at the write hook; its error term is the activation at
     the write hook minus the clean reconstruction. The SAE is used where it is: if the hooked module sits on another
     device, the mount holds its own copy of the weights there and ``sae`` is not moved.
@@ -409,20 +410,36 @@ def attach(model: Any, sae: SAE, *, hook: str | HookPoint | HookSpec | None = No
     except BaseException:
         handle.detach()
         raise
+    if not stack and mode != "steer":
+        for old in occupants(model, spec, exclude=handle):
+            old.detach()
     return handle
 
 
-def attached(model: Any) -> list[SAEHandle]:
-    """The SAEs currently attached to ``model``, in attach order."""
+def occupants(model: Any, spec: HookSpec, exclude: SAEHandle | None = None) -> list[SAEHandle]:
+    """The running SAEs (not steering-only mounts) attached at ``spec``'s input hook."""
+    return [h for h in attached(model) if h is not exclude and h.mode != "steer" and h.spec.read == spec.read]
+
+
+def attached(model: Any, include_suspended: bool = False) -> list[SAEHandle]:
+    """The SAEs currently attached to ``model`` and running, in attach order (with ``include_suspended``, also the
+    ones a temporary SAE at their hook has suspended)."""
     state = ModelState.of(unwrap_model(model), create=False)
-    return [] if state is None else list(state.handles)
+    return [] if state is None else [h for h in state.handles if include_suspended or not h.suspended]
 
 
-def detach(model: Any, saes: SAE | SAEHandle | Iterable[SAE | SAEHandle] | None = None) -> None:
-    """Detach every SAE from ``model`` (like SAELens ``reset_saes``), or only the given SAEs / handles."""
-    handles = attached(model)
+def detach(model: Any, saes: SAE | SAEHandle | Iterable[SAE | SAEHandle] | None = None, *,
+           hooks: str | Iterable[str] | None = None) -> None:
+    """Detach every SAE from ``model`` (SAELens ``reset_saes()``), or only the given SAEs / handles, or only those
+    attached at the given hooks (``hooks=["blocks.8.hook_resid_pre"]``, SAELens ``reset_saes(act_names=...)``;
+    any name `resolve_hook` reads)."""
+    handles = attached(model, include_suspended=True)
     if saes is not None:
         wanted = [saes] if isinstance(saes, (SAE, SAEHandle)) else list(saes)
         handles = [h for h in handles if any(h is w or h.sae is w for w in wanted)]
+    if hooks is not None:
+        names = [hooks] if isinstance(hooks, str) else list(hooks)
+        points = [resolve_hook(model, name).read for name in names]
+        handles = [h for h in handles if h.hook_name in names or h.spec.read in points]
     for handle in reversed(handles):
         handle.detach()
