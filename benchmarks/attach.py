@@ -24,7 +24,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's progress bars
 
 import nnsae  # noqa: E402
 from nnsae import SAE, SAEConfig  # noqa: E402
-from nnsae.attach import attach  # noqa: E402
+from nnsae.attachment import attach  # noqa: E402
 
 
 def main() -> None:

@@ -2,8 +2,9 @@
 
 from nnsae import models, neuronpedia
 from nnsae.architectures import ARCHITECTURES, SAE, register_architecture
-from nnsae.attach import (SAEHandle, SAEOrderError, attach, attached, detach, feature_attribution, run_with_cache,
-                          run_with_cache_with_saes, run_with_hooks_with_saes, run_with_saes, saes, splice, steer)
+from nnsae.attachment import (SAEHandle, SAEOrderError, attach, attached, detach, feature_attribution,
+                              run_with_cache, run_with_cache_with_saes, run_with_hooks_with_saes, run_with_saes, saes,
+                              splice, steer, test_prompt)
 from nnsae.config import SAEConfig, SAEMetadata
 from nnsae.dashboards import dashboard
 from nnsae.data import offline_corpus
@@ -23,5 +24,5 @@ __all__ = ["ARCHITECTURES", "ActivationStore", "Harvester", "HookPoint", "HookSp
            "feature_attribution", "list_pretrained", "load_model", "load_smollm2", "models", "offline_corpus",
            "register_architecture", "resolve_hook", "run_with_cache", "run_with_cache_with_saes", "run_with_hooks_with_saes",
            "run_with_saes", "saes", "splice",
-           "steer", "train", "dashboard", "neuronpedia", "upload_saes_to_huggingface", "extract", "load_features",
+           "steer", "test_prompt", "train", "dashboard", "neuronpedia", "upload_saes_to_huggingface", "extract", "load_features",
            "load_feature_stats"]

@@ -224,7 +224,7 @@ def evaluate(model: Any, saes: SAE | Sequence[SAE], dataset: str | Sequence[str]
 
 def _add_ce(model: Any, saes: list[SAE], specs: list, tokens: torch.Tensor, mask: torch.Tensor,
             exclude_special_tokens: bool, parts: list[dict[str, list[torch.Tensor]]]) -> None:
-    from nnsae.attach import run_with_saes
+    from nnsae.attachment import run_with_saes
 
     with torch.no_grad():
         with model.trace(tokens):

@@ -18,7 +18,7 @@ from nnsight.modeling.transformers import TransformersModel
 
 import nnsae
 from nnsae import SAE, SAEConfig
-from nnsae.attach import (
+from nnsae.attachment import (
     SAEOrderError, attach, attached, detach, feature_attribution, run_with_cache_with_saes, run_with_saes, saes,
     steer,
 )

@@ -171,3 +171,28 @@ def test_the_tuple_form_of_from_pretrained_names_the_right_function(saes):
     (sae, _), _, _ = saes
     with pytest.raises(TypeError, match="from_pretrained_with_cfg_and_sparsity"):
         _, _, _ = sae
+
+
+def test_test_prompt_prints_what_transformer_lens_prints(models, saes, tmp_path, capsys):
+    import transformers
+    from transformer_lens.utilities import test_prompt as tl_test_prompt
+
+    from tests.tiny_models import tiny_tokenizer
+
+    model, hooked = models
+    (ours, theirs), _, _ = saes
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")  # TL reloads it by name
+    hooked.set_tokenizer(tokenizer, default_padding_side="right")
+    for with_sae in (False, True):
+        if with_sae:
+            hooked.add_sae(theirs)
+        try:
+            tl_test_prompt("When John and Mary went", "M", hooked, top_k=4)
+        finally:
+            hooked.reset_saes()
+        want = capsys.readouterr().out
+        report = nnsae.test_prompt(model, "When John and Mary went", "M", tokenizer=tokenizer, prepend_bos=True,
+                                   top_k=4, saes=[ours] if with_sae else [])
+        assert capsys.readouterr().out == want
+        assert f"Ranks of the answer tokens: {report['ranks']}" in want

@@ -17,7 +17,7 @@ import torch
 from nnsight.modeling.transformers import TransformersModel
 
 from nnsae import SAE, SAEConfig
-from nnsae.attach import attach, splice
+from nnsae.attachment import attach, splice
 from nnsae.hooks import resolve_hook
 from tests.remote_server import CaptureBackend, make_tokenizer, run_server
 from tests.tiny_models import D_MODEL, tiny_model, tiny_tokens

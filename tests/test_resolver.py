@@ -12,7 +12,7 @@ import transformers
 
 import nnsae
 from nnsae import SAE, SAEConfig
-from nnsae.attach import attach, run_with_saes, splice
+from nnsae.attachment import attach, run_with_saes, splice
 from nnsae.harvest import Harvester
 from nnsae.hooks import resolve_hook
 from tests.tiny_models import D_MODEL, N_HEADS, VOCAB, _LLAMA_LIKE, tiny_model, tiny_tokens

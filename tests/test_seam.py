@@ -14,7 +14,7 @@ from nnsight.intervention.interleaver import Interleaver
 
 from nnsae import SAE, SAEConfig, seam
 from nnsae.architectures import ARCHITECTURES
-from nnsae.attach import attach, splice
+from nnsae.attachment import attach, splice
 from tests.tiny_models import D_MODEL, tiny_model, tiny_tokens
 
 PACKAGE = Path(seam.__file__).parent

@@ -5,8 +5,9 @@ One package, its parts one file each:
 - `splice`: the one splice computation (`splice_activation`) and the inline, remote-friendly `splice()`;
 - `mount`: `attach`/`detach`/`attached`, mounting an SAE as a traced submodule (`SAESplice`);
 - `handle`: `SAEHandle`, an attached SAE's hook points, steering and removal;
-- `helpers`: the HookedSAETransformer-style `saes`, `steer`, `run_with_saes`, `run_with_cache_with_saes`,
-  `feature_attribution`.
+- `helpers`: the HookedSAETransformer-style `saes`, `steer`, `run_with_saes`, `run_with_cache`,
+  `run_with_cache_with_saes`, `run_with_hooks_with_saes`, `feature_attribution`;
+- `prompt`: `test_prompt`, TransformerLens' `utils.test_prompt` report.
 
 Where an SAE sits comes from the one hook resolver (`nnsae.hooks.resolve_hook`); every nnsight/torch internal this
 needs is in `nnsae.seam`.
@@ -23,16 +24,17 @@ travel (nnsae registers itself with `nnsight.register` so its code ships by valu
 
 import nnsight
 
-from nnsae.attach.handle import SAEHandle
-from nnsae.attach.helpers import (Hook, feature_attribution, lm_loss, run_with_cache, run_with_cache_with_saes,
+from nnsae.attachment.handle import SAEHandle
+from nnsae.attachment.helpers import (Hook, feature_attribution, lm_loss, run_with_cache, run_with_cache_with_saes,
                                   run_with_hooks_with_saes, run_with_saes, saes, steer)
-from nnsae.attach.mount import SAESplice, attach, attached, detach
-from nnsae.attach.splice import splice, splice_activation
+from nnsae.attachment.mount import SAESplice, attach, attached, detach
+from nnsae.attachment.prompt import test_prompt
+from nnsae.attachment.splice import splice, splice_activation
 from nnsae.seam import SAEOrderError
 
 __all__ = ["Hook", "SAEHandle", "SAEOrderError", "SAESplice", "attach", "attached", "detach", "feature_attribution",
            "lm_loss", "run_with_cache", "run_with_cache_with_saes", "run_with_hooks_with_saes", "run_with_saes", "saes",
-           "splice", "splice_activation", "steer"]
+           "splice", "splice_activation", "steer", "test_prompt"]
 
 # Ship nnsae's code by value in remote requests (a pip-installed package is not auto-registered by nnsight).
 nnsight.register("nnsae")

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from nnsae.architectures.base import HOOK_NAMES, SAE
-from nnsae.attach.handle import SAEHandle
-from nnsae.attach.splice import first_tensor, hook_z_heads, replace_first, sae_input, splice_activation
+from nnsae.attachment.handle import SAEHandle
+from nnsae.attachment.splice import first_tensor, hook_z_heads, replace_first, sae_input, splice_activation
 from nnsae.data import special_token_ids
 from nnsae.hooks import HookPoint, HookSpec, hook_label, resolve_hook
 from nnsae.seam import (already_ran_past, at_run_end, envoy_of, explain_order_errors, fresh_hook_view,
@@ -143,7 +143,7 @@ class SAESplice(nn.Module):
 
     Its children are the SAE's hook points (``hook_sae_input`` … ``hook_sae_output``), so in a trace they are
     ``model.<path>.sae.hook_sae_acts_post`` etc. Its forward maps the HF activation at the write hook to the
-    activation the model continues with (`nnsae.attach.splice.splice_activation`). The SAE itself is held outside
+    activation the model continues with (`nnsae.attachment.splice.splice_activation`). The SAE itself is held outside
     the module tree (its weights are not parameters of the HF model).
     """
 

@@ -12,7 +12,7 @@ from nnsae.hooks import HookSpec
 from nnsae.seam import is_nnsight, refresh_envoy, stop_explaining_order_errors
 
 if TYPE_CHECKING:
-    from nnsae.attach.mount import ModelState, SAESplice
+    from nnsae.attachment.mount import ModelState, SAESplice
 
 __all__ = ["SAEHandle"]
 

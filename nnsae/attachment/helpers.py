@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from nnsae.architectures.base import HOOK_NAMES, SAE
-from nnsae.attach.handle import SAEHandle
-from nnsae.attach.mount import attach, attached, occupants
-from nnsae.attach.splice import first_tensor, replace_first
+from nnsae.attachment.handle import SAEHandle
+from nnsae.attachment.mount import attach, attached, occupants
+from nnsae.attachment.splice import first_tensor, replace_first
 from nnsae.hooks import HookPoint, resolve_hook, tl_hook_names
 from nnsae.seam import is_nnsight, unwrap_model
 
