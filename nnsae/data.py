@@ -18,7 +18,7 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -118,15 +118,24 @@ def offline_corpus(split: str = "train", min_chars: int = 200) -> Iterator[str]:
 
 @dataclass(frozen=True)
 class Document:
-    """One row of a dataset: raw text, or already-tokenized ids."""
+    """One row of a dataset: raw text, or token ids. ``chunk=True`` marks a pre-tokenized row, used as it is (its
+    first ``context_size`` tokens form one chunk, as SAELens' ``is_dataset_tokenized``) instead of being packed."""
 
     text: str | None = None
     tokens: list[int] | None = None
+    chunk: bool = False
+
+
+DATA_FORMS = ("'offline', an HF hub dataset name, a local .txt/.jsonl/.parquet file or folder (or a "
+              "datasets.save_to_disk folder), a list of strings, a datasets.Dataset/IterableDataset with a text "
+              "column or a pre-tokenized 'input_ids'/'tokens' column, or a token tensor [n, context]")
 
 
 def _rows_to_documents(rows: Iterable[dict[str, Any]], text_column: str | None, source: str) -> Iterator[Document]:
     column = text_column
     for row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"Dataset {source} yields {type(row).__name__} rows, not dicts of columns.")
         if column is None:
             column = next((c for c in TOKEN_COLUMNS + TEXT_COLUMNS if c in row), None)
             if column is None:
@@ -135,33 +144,60 @@ def _rows_to_documents(rows: Iterable[dict[str, Any]], text_column: str | None, 
         if column not in row:
             raise ValueError(f"Dataset {source} has no column {column!r}; columns are {sorted(row)}.")
         value = row[column]
-        yield Document(tokens=list(value)) if column in TOKEN_COLUMNS else Document(text=value)
+        if isinstance(value, str):
+            yield Document(text=value)
+        else:  # token ids (a list, array or tensor): a pre-tokenized row, used as it is
+            yield Document(tokens=[int(t) for t in value], chunk=True)
 
 
-def _local_rows(path: Path) -> Iterator[dict[str, Any]]:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if file.suffix == ".txt":
-            yield {"text": file.read_text(encoding="utf-8")}
-        elif file.suffix in (".jsonl", ".json"):
-            with open(file, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        yield json.loads(line)
-        elif file.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            for batch in pq.ParquetFile(file).iter_batches():
-                yield from batch.to_pylist()
+def _token_rows(rows: Iterable[Iterable[int]]) -> Iterator[Document]:
+    for row in rows:
+        yield Document(tokens=[int(t) for t in row], chunk=True)
 
 
-def iter_documents(dataset: str | Iterable[str], split: str = "train", text_column: str | None = None,
+def iter_documents(dataset: Any, split: str = "train", text_column: str | None = None,
                    streaming: bool = True) -> Iterator[Document]:
-    """Documents of `dataset`: `"offline"`, a local .txt/.jsonl/.parquet file or folder of them (or a
-    `datasets.save_to_disk` folder), an HF hub dataset name (streamed), or an iterable of strings."""
-    if not isinstance(dataset, str):
-        yield from (Document(text=t) for t in dataset)
+    """Documents of ``dataset``: 'offline', an HF hub dataset name (streamed), a local .txt/.jsonl/.parquet file or
+    folder (or a ``datasets.save_to_disk`` folder), a list of strings, a ``datasets.Dataset``/``IterableDataset``
+    (a text column, or a pre-tokenized ``input_ids``/``tokens`` column) or a token tensor ``[n, context]``. Text is
+    packed later (`pack`); token rows are used as they are. Anything else raises a ValueError naming the forms."""
+    yield from _documents(dataset, split, text_column, streaming)
+
+
+def _documents(dataset: Any, split: str, text_column: str | None, streaming: bool) -> Iterator[Document]:
+    if isinstance(dataset, torch.Tensor):
+        if dataset.dim() != 2 or dataset.is_floating_point():
+            raise ValueError(f"A token tensor must be integer ids shaped [n, context], got {dataset.dtype} "
+                             f"{tuple(dataset.shape)}.")
+        yield from _token_rows(dataset.tolist())
         return
+    if isinstance(dataset, (str, os.PathLike)):
+        yield from _named_documents(str(dataset), split, text_column, streaming)
+        return
+    if type(dataset).__module__.startswith("datasets."):
+        if isinstance(dataset, dict):  # a DatasetDict / IterableDatasetDict
+            if split not in dataset:
+                raise ValueError(f"The DatasetDict has splits {sorted(dataset)}, not {split!r}; pass split=.")
+            dataset = dataset[split]
+        yield from _rows_to_documents(dataset, text_column, type(dataset).__name__)
+        return
+    if isinstance(dataset, dict):
+        raise ValueError(f"Unsupported data: a dict (columns {sorted(dataset)[:5]}). Pass " + DATA_FORMS + ".")
+    try:
+        rows = iter(dataset)
+    except TypeError:
+        raise ValueError(f"Unsupported data: {type(dataset).__name__}. Pass {DATA_FORMS}.") from None
+    for i, row in enumerate(rows):
+        if isinstance(row, str):
+            yield Document(text=row)
+        elif isinstance(row, torch.Tensor) or (isinstance(row, (list, tuple)) and all(isinstance(t, int) for t in row)):
+            yield Document(tokens=[int(t) for t in row], chunk=True)
+        else:
+            raise ValueError(f"Unsupported data: item {i} is a {type(row).__name__}, not a string or a list of token "
+                             f"ids. Pass {DATA_FORMS}.")
+
+
+def _named_documents(dataset: str, split: str, text_column: str | None, streaming: bool) -> Iterator[Document]:
     if dataset == OFFLINE:
         yield from (Document(text=t) for t in offline_corpus(split))
         return
@@ -214,20 +250,38 @@ def pack(documents: Iterable[Document], tokenizer: Any, context_size: int, prepe
          separator: str | int | None = "bos", skip_chunks: int = 0, shard: tuple[int, int] = (0, 1)
          ) -> Iterator[Chunk]:
     """Tokenize and pack documents into chunks. `skip_chunks` resumes a stream; `shard=(rank, world)` keeps
-    every world-th chunk, for data-parallel runs."""
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if prepend_bos and bos is None:
-        raise ValueError("prepend_bos needs a tokenizer with a BOS (or EOS) token.")
-    sep = {"bos": bos, "eos": tokenizer.eos_token_id, None: None}.get(separator, separator)
-    body = context_size - 1 if prepend_bos else context_size
-    if body < 1:
+    every world-th chunk, for data-parallel runs. A pre-tokenized row (``Document.chunk``) is one chunk as it is (its
+    first `context_size` tokens; no BOS added, no separator), so `tokenizer` may be None for token data."""
+    if context_size < (2 if prepend_bos else 1):
         raise ValueError(f"context_size={context_size} is too small.")
     rank, world = shard
     buf_tokens: list[int] = []
     buf_docs: list[int] = []
     buf_pos: list[int] = []
     index = 0
+
+    def take(chunk: Callable[[], Chunk]) -> Iterator[Chunk]:
+        nonlocal index
+        if index >= skip_chunks and index % world == rank:
+            yield chunk()
+        index += 1
+
     for doc_id, doc in enumerate(documents):
+        if doc.chunk:
+            if len(doc.tokens) < context_size:
+                raise ValueError(f"Pre-tokenized row {doc_id} has {len(doc.tokens)} tokens, fewer than "
+                                 f"context_size={context_size}: pass a smaller context_size or longer rows.")
+            row = torch.tensor(doc.tokens[:context_size])
+            yield from take(lambda: Chunk(row, torch.full_like(row, doc_id), torch.arange(context_size)))
+            continue
+        if tokenizer is None:
+            raise ValueError("Text data needs a tokenizer: pass tokenizer=, or pre-tokenized data (a token tensor "
+                             "[n, context] or an 'input_ids'/'tokens' column).")
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if prepend_bos and bos is None:
+            raise ValueError("prepend_bos needs a tokenizer with a BOS (or EOS) token.")
+        sep = {"bos": bos, "eos": tokenizer.eos_token_id, None: None}.get(separator, separator)
+        body = context_size - 1 if prepend_bos else context_size
         ids = doc.tokens if doc.tokens is not None else tokenizer(doc.text, add_special_tokens=False)["input_ids"]
         if sep is not None and doc_id > 0:
             buf_tokens.append(sep), buf_docs.append(-1), buf_pos.append(-1)
@@ -235,13 +289,48 @@ def pack(documents: Iterable[Document], tokenizer: Any, context_size: int, prepe
         buf_docs += [doc_id] * len(ids)
         buf_pos += range(len(ids))
         while len(buf_tokens) >= body:
-            if index >= skip_chunks and index % world == rank:
-                head = [bos] if prepend_bos else []
-                pad = [-1] if prepend_bos else []
-                yield Chunk(torch.tensor(head + buf_tokens[:body]), torch.tensor(pad + buf_docs[:body]),
-                            torch.tensor(pad + buf_pos[:body]))
-            index += 1
+            head, pad = ([bos], [-1]) if prepend_bos else ([], [])
+            yield from take(lambda: Chunk(torch.tensor(head + buf_tokens[:body]), torch.tensor(pad + buf_docs[:body]),
+                                          torch.tensor(pad + buf_pos[:body])))
             del buf_tokens[:body], buf_docs[:body], buf_pos[:body]
+
+
+def tokenize_and_concatenate(dataset: Any, tokenizer: Any, streaming: bool = False, max_length: int = 1024,
+                             column_name: str = "text", add_bos_token: bool = True, num_proc: int | None = None,
+                             set_format: bool = True) -> Any:
+    """TransformerLens' ``utils.tokenize_and_concatenate``, row for row: each map batch of documents (1,000 rows)
+    is tokenized without special tokens, joined with EOS, cut into rows of ``max_length`` (``max_length - 1`` plus
+    BOS with ``add_bos_token``), the remainder dropped (a batch shorter than one row is padded: with the pad token,
+    else EOS). Returns a ``datasets`` dataset with one ``tokens`` column (torch format with ``set_format``), which
+    every nnsae entry point takes as pre-tokenized data. Unlike TransformerLens, the tokenizer is not modified."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenize_and_concatenate needs a tokenizer with an EOS token.")
+    if add_bos_token and tokenizer.bos_token_id is None:
+        raise ValueError("add_bos_token=True needs a tokenizer with a BOS token.")
+    row_len = max_length - 1 if add_bos_token else max_length
+    dataset = dataset.select_columns([column_name])
+
+    def rows(batch: dict[str, list]) -> dict[str, Any]:
+        texts = batch[column_name]
+        if not texts:
+            return {"tokens": []}
+        stream: list[int] = []
+        for i, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            stream += ([tokenizer.eos_token_id] if i else []) + list(ids)
+        if len(stream) < row_len:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            out = [stream + [pad] * (row_len - len(stream))]
+        else:
+            out = [stream[i * row_len:(i + 1) * row_len] for i in range(len(stream) // row_len)]
+        if add_bos_token:
+            out = [[tokenizer.bos_token_id, *row] for row in out]
+        return {"tokens": out}
+
+    mapped = dataset.map(rows, batched=True, remove_columns=[column_name],
+                         **({} if streaming else {"num_proc": num_proc}))
+    if set_format:
+        mapped.set_format(type="torch", columns=["tokens"])
+    return mapped
 
 
 def batched(chunks: Iterable[Chunk], batch_size: int) -> Iterator[list[Chunk]]:
