@@ -150,6 +150,23 @@ def _rows_to_documents(rows: Iterable[dict[str, Any]], text_column: str | None, 
             yield Document(tokens=[int(t) for t in value], chunk=True)
 
 
+def _local_rows(path: Path) -> Iterator[dict[str, Any]]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if file.suffix == ".txt":
+            yield {"text": file.read_text(encoding="utf-8")}
+        elif file.suffix in (".jsonl", ".json"):
+            with open(file, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        yield json.loads(line)
+        elif file.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(file).iter_batches():
+                yield from batch.to_pylist()
+
+
 def _token_rows(rows: Iterable[Iterable[int]]) -> Iterator[Document]:
     for row in rows:
         yield Document(tokens=[int(t) for t in row], chunk=True)
