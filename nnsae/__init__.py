@@ -13,7 +13,7 @@ from nnsae.harvest import ActivationStore, Harvester
 from nnsae.hooks import HookPoint, HookSpec, resolve_hook
 from nnsae.io.registry import list_pretrained
 from nnsae.models import load_model, load_smollm2
-from nnsae.training import TrainConfig, train
+from nnsae.training import TRAINABLE_ARCHITECTURES, TrainConfig, train
 from nnsae.upload import upload_saes_to_huggingface
 
 __version__ = "0.1.0"
@@ -23,4 +23,4 @@ __all__ = ["ARCHITECTURES", "ActivationStore", "Harvester", "HookPoint", "HookSp
            "feature_attribution", "list_pretrained", "load_model", "load_smollm2", "models", "offline_corpus",
            "register_architecture", "resolve_hook", "run_with_cache_with_saes", "run_with_saes", "saes", "splice",
            "steer", "train", "dashboard", "neuronpedia", "upload_saes_to_huggingface", "extract", "load_features",
-           "load_feature_stats"]
+           "load_feature_stats", "TRAINABLE_ARCHITECTURES"]

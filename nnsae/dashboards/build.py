@@ -16,7 +16,7 @@ from nnsae.dashboards.schema import SCHEMA, SCHEMA_VERSION
 from nnsae.dashboards.tokens import TokenRenderer, display
 from nnsae.data import OFFLINE
 from nnsae.io.files import atomic_write
-from nnsae.neuronpedia import NEURONPEDIA_DOMAIN
+from nnsae.neuronpedia import neuronpedia_page_url
 from nnsae.architectures import SAE
 
 EXTRACTION_DIR = "extraction"
@@ -80,7 +80,7 @@ def feature_record(fd: FeatureData, renderer: TokenRenderer, info: dict[str, Any
         "modelId": model_id if np_id else str(info.get("model") or ""),
         "layer": source if np_id else info["name"],
         "index": fd.index, "sae": info["name"],
-        "neuronpedia_id": np_id, "neuronpedia_url": f"{NEURONPEDIA_DOMAIN}/{np_id}/{fd.index}" if np_id else None,
+        "neuronpedia_id": np_id, "neuronpedia_url": neuronpedia_page_url(np_id, fd.index) if np_id else None,
         "n_tokens": fd.n_tokens, "firing_count": fd.firing_count, "firings_in_shards": fd.firings_in_shards,
         "frac_nonzero": _finite(fd.density), "max_act": _finite(fd.max_act), "mean_act": _finite(fd.mean_act),
         "freq_hist_data_bar_heights": counts,
@@ -202,13 +202,11 @@ def build_site(extraction_dir: str | Path, sae_name: str, site: str | Path, *, s
     for stale in (site / "features").iterdir():  # pages of features an earlier build showed and this one does not
         if stale.suffix in (".html", ".json") and stale.stem.isdigit() and stale.name not in keep:
             stale.unlink()
-    np_id = info.get("neuronpedia_id")
     for k, fd in enumerate(tqdm(fds, desc=f"pages {sae_name}", disable=not progress, unit="feature")):
         record = feature_record(fd, renderer, info, logit_method)
         prev_next = (picked[k - 1] if k > 0 else None, picked[k + 1] if k + 1 < len(picked) else None)
-        url = f"{NEURONPEDIA_DOMAIN}/{np_id}/{fd.index}" if np_id else None
-        _write(site / "features" / f"{fd.index}.html",
-               render.feature_page(fd, renderer, info, prev_next, logit_method, logit_note, url))
+        _write(site / "features" / f"{fd.index}.html", render.feature_page(
+            fd, renderer, info, prev_next, logit_method, logit_note, record["neuronpedia_url"]))
         _write(site / "features" / f"{fd.index}.json", _dump(record))
         rows.append(index_row(record))
     extraction = {"path": str(Path(extraction_dir).resolve()), "n_tokens": int(src.stats["n_tokens_counted"]),

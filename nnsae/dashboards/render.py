@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from nnsae.dashboards.data import Example, ExampleGroup, FeatureData
 from nnsae.dashboards.tokens import Token, TokenRenderer, display
+from nnsae.neuronpedia import neuronpedia_page_url
 
 CSS = """
 :root{--fg:#1d2330;--mute:#6b7280;--line:#e5e7eb;--bg:#fff;--accent:#c2410c;--chip:#f3f4f6}
@@ -428,7 +429,7 @@ def index_page(info: dict[str, Any], rows: list[dict[str, Any]], extraction: dic
               f'{esc(extraction.get("dataset") or "the dataset")}</div>']
     if info.get("neuronpedia_id"):
         header.append(f'<div class="sub">Neuronpedia: <a rel="noopener noreferrer" '
-                      f'href="https://neuronpedia.org/{esc(info["neuronpedia_id"])}">{esc(info["neuronpedia_id"])}</a>'
+                      f'href="{esc(neuronpedia_page_url(info["neuronpedia_id"]))}">{esc(info["neuronpedia_id"])}</a>'
                       "</div>")
     controls = ('<div id="controls"><input id="q" type="search" placeholder="Search feature #, tokens, logits…" '
                 'autocomplete="off"><button id="prev" type="button">← prev</button><button id="next" type="button">'
