@@ -15,8 +15,7 @@ from nnsae.io.registry import list_pretrained
 from nnsae.models import load_model, load_smollm2
 from nnsae.training import TRAINABLE_ARCHITECTURES, TrainConfig, train
 from nnsae.upload import upload_saes_to_huggingface
-
-__version__ = "0.1.0"
+from nnsae.version import __version__
 
 __all__ = ["ARCHITECTURES", "ActivationStore", "Harvester", "HookPoint", "HookSpec", "SAE", "SAEConfig", "SAEHandle",
            "SAEMetadata", "SAEOrderError", "TrainConfig", "attach", "attached", "detach", "evaluate",

@@ -15,6 +15,7 @@ from nnsae.dashboards.logits import LogitEffectsUnavailable, logit_lens
 from nnsae.dashboards.schema import SCHEMA, SCHEMA_VERSION
 from nnsae.dashboards.tokens import TokenRenderer, display
 from nnsae.data import OFFLINE
+from nnsae.extract import extract, sae_fingerprint, sae_names
 from nnsae.io.files import atomic_write
 from nnsae.neuronpedia import neuronpedia_page_url
 from nnsae.architectures import SAE
@@ -137,8 +138,6 @@ def _named(sae_or_saes: SAE | Sequence[SAE] | Mapping[str, SAE] | None) -> list[
 def _match_extraction(named: list[tuple[str | None, SAE]], manifest: dict[str, Any], where: Path
                       ) -> list[tuple[str, SAE | None]]:
     """Pair the given SAEs with the SAEs of an existing extraction (by name, else by weights fingerprint)."""
-    from nnsae.extract import sae_fingerprint, sae_names
-
     entries = manifest["saes"]
     names = [e["name"] for e in entries]
     if not named:
@@ -256,8 +255,6 @@ def dashboard(model: Any, sae_or_saes: SAE | Sequence[SAE] | Mapping[str, SAE] |
     if from_extraction is None:
         if model is None or not named:
             raise ValueError("dashboard() needs a model and SAEs to run the extraction (or from_extraction=DIR).")
-        from nnsae.extract import extract, sae_names
-
         objects = [s for _, s in named]
         given = {g: s for g, s in named} if all(g is not None for g, _ in named) else objects
         saes = dict(zip(sae_names(given), objects))
