@@ -23,15 +23,16 @@ import math
 import posixpath
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping
+
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from tqdm.auto import tqdm
 
 from nnsae.architectures import SAE
 from nnsae.io.files import read_safetensors
 from nnsae.io.formats import saelens
 from nnsae.neuronpedia import neuronpedia_page_url
-
-if TYPE_CHECKING:
-    from huggingface_hub import CommitInfo
 
 RUNNER_CFG = "runner_cfg.json"
 UPLOADED_FILES = (saelens.CFG, saelens.WEIGHTS, saelens.SPARSITY, RUNNER_CFG)
@@ -143,8 +144,6 @@ def default_readme(hf_repo_id: str, entries: Mapping[str, dict[str, Any]],
 @contextlib.contextmanager
 def _progress_bars(show: bool) -> Iterator[None]:
     """Turn huggingface_hub's progress bars off for the duration when `show` is False (restored afterwards)."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
     if show or are_progress_bars_disabled():
         yield
         return
@@ -168,9 +167,6 @@ def upload_saes_to_huggingface(saes_dict: Mapping[str, SAE | str | Path], hf_rep
     `metrics` (`{sae_id: {name: value}}`, nested dicts such as an `nnsae.evaluate` record allowed) are listed in
     the default README.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from tqdm.auto import tqdm
-
     if not saes_dict:
         raise ValueError("No SAEs to upload: saes_dict is empty.")
     if not isinstance(hf_repo_id, str) or hf_repo_id.count("/") != 1 or not all(hf_repo_id.split("/")):

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from nnsae.architectures import SAE
 from nnsae.dashboards import render
 from nnsae.dashboards.data import ExtractionSource, FeatureData, logit_data, parse_features, read_manifest
 from nnsae.dashboards.logits import LogitEffectsUnavailable, logit_lens
@@ -18,7 +20,6 @@ from nnsae.data import OFFLINE
 from nnsae.extract import extract, sae_fingerprint, sae_names
 from nnsae.io.files import atomic_write
 from nnsae.neuronpedia import neuronpedia_page_url
-from nnsae.architectures import SAE
 
 EXTRACTION_DIR = "extraction"
 
@@ -192,8 +193,6 @@ def build_site(extraction_dir: str | Path, sae_name: str, site: str | Path, *, s
             logit_note = str(e)
     else:
         logit_note = "no model given" if model is None else "no SAE object given"
-
-    from tqdm.auto import tqdm
 
     rows = []
     (site / "features").mkdir(parents=True, exist_ok=True)
