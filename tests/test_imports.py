@@ -5,7 +5,8 @@ A that names B, plus A → each package above B that is not above A (Python runs
 under `if TYPE_CHECKING:` never run and are left out. `test_module_level_imports_form_a_dag` looks at module-level
 imports (what runs when a module is imported); `test_no_import_inside_a_function_closes_a_cycle` adds the imports
 written inside functions, so none of them is there to dodge a cycle (a lazy import is for an optional or heavy
-dependency, and such a dependency never imports the module back).
+dependency, or keeps a module out of what an SAE shipped by value to a remote nnsight server takes along; such a
+dependency never imports the module back).
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ def test_cycles_are_found_and_named(tmp_path, files, cycle):
 def test_type_checking_imports_are_not_edges(tmp_path):
     package = _write_package(tmp_path, {
         "__init__.py": "", "a.py": "import pkg.b\n",
-        "b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import A\nelse:\n    import pkg.c\n",
+        "b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import A\n"
+                "else:\n    import pkg.c\n",
         "c.py": ""})
     assert import_graph(package)["pkg.b"] == {"pkg.c"}

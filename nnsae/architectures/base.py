@@ -16,8 +16,6 @@ import torch
 from torch import nn
 
 from nnsae.config import SAEConfig, architecture_class, dtype_name, parse_dtype
-from nnsae.io.formats import detect_format, load_directory, norm_scaling_factor, saelens
-from nnsae.io.pretrained import read_pretrained
 
 HOOK_NAMES = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error",
               "hook_sae_output")
@@ -311,6 +309,10 @@ class SAE(nn.Module):
 
     def save_model(self, path: str | Path, log_sparsity: torch.Tensor | None = None) -> tuple[Path, Path]:
         """Write cfg.json + sae_weights.safetensors (+ sparsity.safetensors) in SAELens 6 layout."""
+        # The file methods import nnsae.io when called, not at module level: an SAE shipped by value to a remote
+        # nnsight server takes the module-level names its methods use along, and the io stack cannot travel.
+        from nnsae.io.formats import saelens
+
         return saelens.save(self, Path(path), log_sparsity if log_sparsity is not None else self.log_feature_sparsity)
 
     @classmethod
@@ -322,6 +324,8 @@ class SAE(nn.Module):
         A foreign SAE that expects inputs scaled by a norm factor its files record (Llama Scope) has the factor
         folded in, so it takes raw activations like every other SAE.
         """
+        from nnsae.io.formats import detect_format, load_directory, norm_scaling_factor
+
         path = Path(path)
         format = format or detect_format(path)
         cfg_dict, state_dict, log_sparsity = load_directory(path, format=format)
@@ -358,6 +362,8 @@ class SAE(nn.Module):
         `huggingface_hub`; `HF_HUB_OFFLINE=1` loads from the cache only. The release's config overrides and
         Neuronpedia id are applied, and its norm scaling factor is folded in for an SAE that expects
         `expected_average_only_in` input scaling."""
+        from nnsae.io.pretrained import read_pretrained
+
         files = read_pretrained(release, sae_id, device=device, dtype=dtype, force_download=force_download,
                                 revision=revision, cache_dir=cache_dir, token=token)
         sae = cls.from_dict(files.cfg, files.state_dict, device=device, dtype=dtype)
