@@ -7,22 +7,21 @@ from nnsae.attachment import (SAEHandle, SAEOrderError, attach, attached, detach
                               splice, steer, test_prompt)
 from nnsae.config import SAEConfig, SAEMetadata
 from nnsae.dashboards import dashboard
-from nnsae.data import offline_corpus
+from nnsae.data import offline_corpus, tokenize_and_concatenate
 from nnsae.evals import evaluate
 from nnsae.extract import extract, load_feature_stats, load_features
 from nnsae.harvest import ActivationStore, Harvester
 from nnsae.hooks import HookPoint, HookSpec, resolve_hook
 from nnsae.io.registry import list_pretrained
 from nnsae.models import load_model, load_smollm2
-from nnsae.training import TrainConfig, train
+from nnsae.training import TRAINABLE_ARCHITECTURES, TrainConfig, train
 from nnsae.upload import upload_saes_to_huggingface
-
-__version__ = "0.1.0"
+from nnsae.version import __version__
 
 __all__ = ["ARCHITECTURES", "ActivationStore", "Harvester", "HookPoint", "HookSpec", "SAE", "SAEConfig", "SAEHandle",
            "SAEMetadata", "SAEOrderError", "TrainConfig", "attach", "attached", "detach", "evaluate",
            "feature_attribution", "list_pretrained", "load_model", "load_smollm2", "models", "offline_corpus",
-           "register_architecture", "resolve_hook", "run_with_cache", "run_with_cache_with_saes", "run_with_hooks_with_saes",
-           "run_with_saes", "saes", "splice",
-           "steer", "test_prompt", "train", "dashboard", "neuronpedia", "upload_saes_to_huggingface", "extract", "load_features",
-           "load_feature_stats"]
+           "register_architecture", "resolve_hook", "run_with_cache", "run_with_cache_with_saes",
+           "run_with_hooks_with_saes", "run_with_saes", "saes", "splice", "steer", "test_prompt", "train", "dashboard",
+           "neuronpedia", "upload_saes_to_huggingface", "extract", "load_features", "load_feature_stats",
+           "TRAINABLE_ARCHITECTURES", "tokenize_and_concatenate"]

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 from pathlib import Path
 
-from nnsae.architectures import SAE
+import torch
 
-
-def load_sae_arg(spec: str, device: str = "cpu", dtype: str | None = None, format: str | None = None) -> SAE:
-    """An SAE named on the command line: a local directory (any supported format) or `RELEASE:SAE_ID`."""
-    if Path(spec).exists():
-        return SAE.load_from_disk(spec, device=device, dtype=dtype, format=format)
-    release, sep, sae_id = spec.partition(":")
-    if not sep:
-        raise SystemExit(f"error: {spec!r} is neither an existing directory nor RELEASE:SAE_ID.")
-    return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype or "float32")
+from nnsae.cli_args import load_sae_arg
+from nnsae.dashboards.cli import add_dashboard_command
+from nnsae.evals import evaluate
+from nnsae.extract import extract
+from nnsae.harvest import ActivationStore
+from nnsae.io.registry import list_pretrained, list_sae_ids
+from nnsae.models import load_model
+from nnsae.training import TrainConfig, train
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -27,8 +28,6 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from nnsae.io.registry import list_pretrained, list_sae_ids
-
     if args.release:
         print("\n".join(list_sae_ids(args.release)))
         return
@@ -39,9 +38,6 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from nnsae.evals import evaluate
-    from nnsae.models import load_model
-
     model, tokenizer = load_model(args.model, device=args.device)
     saes = [load_sae_arg(spec, device=args.device) for spec in args.sae]
     records = evaluate(model, saes, args.dataset, tokenizer=tokenizer, n_tokens=int(args.tokens),
@@ -64,11 +60,6 @@ TRAIN_ALIASES = {"arch": "architecture", "expansion": "expansion_factor", "token
 
 def _train_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (`--l1-coefficient`, ...), typed from the dataclass."""
-    import dataclasses
-    import typing
-
-    from nnsae.training.config import TrainConfig
-
     aliases = {v: k for k, v in TRAIN_ALIASES.items()}
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -89,12 +80,6 @@ def _train_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    import dataclasses
-
-    from nnsae.harvest import ActivationStore
-    from nnsae.models import load_model
-    from nnsae.training import TrainConfig, train
-
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("hook", "device")}
     values["device"] = args.device
     cfgs = [TrainConfig(**{**values, "hook": hook, "name": values["name"] if len(args.hook) == 1 else None})
@@ -108,9 +93,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    from nnsae.extract import extract
-    from nnsae.models import load_model
-
     model, tokenizer = load_model(args.model, device=args.device)
     saes = [load_sae_arg(spec, device=args.device) for spec in args.sae]
     out = extract(model, saes, args.dataset, args.out, tokenizer=tokenizer, context_size=args.context_size or 128,
@@ -129,8 +111,6 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -183,8 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.0)
     p.add_argument("--batch-size-prompts", type=int, default=8)
     p.set_defaults(func=cmd_extract)
-
-    from nnsae.dashboards.cli import add_dashboard_command
 
     add_dashboard_command(sub)
     return parser

@@ -1,14 +1,23 @@
-"""SAE configuration with SAELens 6 field names, an open metadata bag, and the legacy-config migration."""
+"""SAE configuration with SAELens 6 field names, an open metadata bag, the legacy-config migration, and the table
+of architecture names.
+
+The table (`ARCHITECTURES`, name → SAE class) lives here, below the SAE classes, because a config is checked against
+its architecture's rules (`check_config`, `config_fields`) without needing anything else from the class:
+`nnsae.architectures` registers the built-in classes into it, and `register_architecture` user classes.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from packaging.version import InvalidVersion, Version
+
+if TYPE_CHECKING:
+    from nnsae.architectures import SAE
 
 # The SAELens release whose file format nnsae reads and writes. It is what we put in `sae_lens_version` so that
 # SAELens loads our files as 6.x files instead of running its pre-6.0 migration on them.
@@ -31,6 +40,20 @@ LLM_METADATA_KEYS = frozenset({
     "sae_lens_version", "sae_lens_training_version", "hook_name_out", "hook_head_index_out", "hf_hook_name",
     "hf_hook_name_out",
 })
+
+
+# Inference architectures: name → SAE class. Filled by `nnsae.architectures.register_architecture`.
+ARCHITECTURES: dict[str, type[SAE]] = {}
+
+
+def architecture_class(architecture: str) -> type[SAE]:
+    """The SAE class for an architecture name, with an error listing the known ones."""
+    try:
+        return ARCHITECTURES[architecture]
+    except KeyError:
+        raise ValueError(
+            f"Unknown SAE architecture {architecture!r}; known architectures: {sorted(ARCHITECTURES)}."
+        ) from None
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -117,8 +140,6 @@ class SAEConfig:
     d_out: int | None = None
 
     def __post_init__(self) -> None:
-        from nnsae.architectures import architecture_class  # the architecture table lives with the classes
-
         if isinstance(self.metadata, dict):
             self.metadata = SAEMetadata(**self.metadata)
         self.dtype = dtype_name(self.dtype)
@@ -137,8 +158,6 @@ class SAEConfig:
 
     @property
     def extra_fields(self) -> tuple[str, ...]:
-        from nnsae.architectures import architecture_class
-
         return architecture_class(self.architecture).config_fields
 
     @property

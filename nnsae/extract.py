@@ -641,7 +641,7 @@ def extract(model: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE], dataset: 
             raise ValueError(f"SAE {name!r} has d_in={sae.cfg.d_in} but its hook {_hook_label(points[p])} gives "
                              f"width {width}.")
 
-    from nnsae import __version__
+    from nnsae.version import __version__
 
     chunks_per_shard = max(1, shard_tokens // context_size)
     max_chunks = math.ceil(n_tokens / context_size) if n_tokens is not None else None

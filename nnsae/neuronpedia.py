@@ -4,8 +4,11 @@ An SAE has one when it was loaded by release name from the pretrained registry (
 sae_id)` copies the registry's `neuronpedia` field into `sae.cfg.metadata.neuronpedia_id`) or when its cfg.json
 metadata carries one. Ids look like `gpt2-small/8-res-jb`: `{model id on Neuronpedia}/{source}`.
 
-- `neuronpedia_url(sae, feature)` → `https://neuronpedia.org/{neuronpedia_id}/{feature}` (SAELens'
-  `open_neuronpedia_feature_dashboard` URL).
+- `neuronpedia_page_url(neuronpedia_id, feature=None)` → `https://neuronpedia.org/{neuronpedia_id}` (the source's
+  page) or `…/{feature}` (the feature's dashboard): the one place a Neuronpedia page URL is built (dashboards and
+  model cards call it with the id they hold).
+- `neuronpedia_url(sae, feature)`: the same feature URL from an SAE (SAELens' `open_neuronpedia_feature_dashboard`
+  URL), with the id and the feature index checked.
 - `neuronpedia_quick_list_url(sae, features, name)` → `https://neuronpedia.org/quick-list/?name=…&features=…`,
   with `features` the URL-quoted JSON list `[{"modelId", "layer", "index"}]` that SAELens'
   `get_neuronpedia_quick_list` builds. `layer` is the id's part after the `/` and `index` the feature as a string,
@@ -66,9 +69,16 @@ def _check_feature(sae: SAE | Any, feature: Any) -> int:
     return index
 
 
+def neuronpedia_page_url(neuronpedia_id: str, feature: int | None = None) -> str:
+    """`https://neuronpedia.org/{neuronpedia_id}`, the page of a source such as `gpt2-small/8-res-jb`, or with
+    `feature` `…/{feature}`, that feature's dashboard. Every Neuronpedia page link nnsae writes comes from here."""
+    url = f"{NEURONPEDIA_DOMAIN}/{str(neuronpedia_id).strip('/')}"
+    return url if feature is None else f"{url}/{int(feature)}"
+
+
 def neuronpedia_url(sae: SAE | Any, feature: int) -> str:
     """`https://neuronpedia.org/{neuronpedia_id}/{feature}`: the feature's dashboard on Neuronpedia."""
-    return f"{NEURONPEDIA_DOMAIN}/{neuronpedia_id(sae)}/{_check_feature(sae, feature)}"
+    return neuronpedia_page_url(neuronpedia_id(sae), _check_feature(sae, feature))
 
 
 def neuronpedia_quick_list_url(sae: SAE | Any, features: Iterable[int], name: str = "temporary_list") -> str:
@@ -105,4 +115,5 @@ def get_neuronpedia_quick_list(sae: SAE | Any, features: Iterable[int], name: st
 
 
 __all__ = ["NEURONPEDIA_DOMAIN", "NoNeuronpediaIdError", "get_neuronpedia_quick_list", "neuronpedia_feature_api_url",
-           "neuronpedia_id", "neuronpedia_quick_list_url", "neuronpedia_url", "open_neuronpedia_feature_dashboard"]
+           "neuronpedia_id", "neuronpedia_page_url", "neuronpedia_quick_list_url", "neuronpedia_url",
+           "open_neuronpedia_feature_dashboard"]

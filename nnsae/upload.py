@@ -23,14 +23,16 @@ import math
 import posixpath
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from tqdm.auto import tqdm
+
+from nnsae.architectures import SAE
+from nnsae.io.files import read_safetensors
 from nnsae.io.formats import saelens
-
-if TYPE_CHECKING:
-    from huggingface_hub import CommitInfo
-
-    from nnsae.architectures import SAE
+from nnsae.neuronpedia import neuronpedia_page_url
 
 RUNNER_CFG = "runner_cfg.json"
 UPLOADED_FILES = (saelens.CFG, saelens.WEIGHTS, saelens.SPARSITY, RUNNER_CFG)
@@ -47,8 +49,6 @@ def _check_sae_id(sae_id: Any) -> str:
 
 def _stage(sae_id: str, ref: SAE | str | Path, tmp: Path) -> tuple[Path, dict[str, Any]]:
     """A local SAELens-layout folder for `ref` (written under `tmp` when needed) and the SAE's config dict."""
-    from nnsae.architectures import SAE
-
     if isinstance(ref, SAE):
         folder = tmp / sae_id
         ref.save_model(folder)
@@ -76,8 +76,6 @@ def _sparsity_metrics(folder: Path) -> dict[str, float]:
     path = folder / saelens.SPARSITY
     if not path.is_file():
         return {}
-    from nnsae.io.files import read_safetensors
-
     log_sparsity = read_safetensors(path).get("sparsity")
     if log_sparsity is None or log_sparsity.numel() == 0:
         return {}
@@ -128,7 +126,7 @@ def default_readme(hf_repo_id: str, entries: Mapping[str, dict[str, Any]],
         if meta.get("hook_name_out") and meta.get("hook_name_out") != meta.get("hook_name"):
             hook = f"{hook} → {meta['hook_name_out']}"
         np_id = meta.get("neuronpedia_id")
-        np_cell = f"[{np_id}](https://neuronpedia.org/{np_id})" if np_id else ""
+        np_cell = f"[{np_id}]({neuronpedia_page_url(np_id)})" if np_id else ""
         lines.append(f"| `{_fmt(sae_id)}` | {cfg.get('architecture', 'standard')} | {cfg.get('d_in', '')} | "
                      f"{cfg.get('d_sae', '')} | {_fmt(meta.get('model_name') or '')} | {_fmt(hook)} | {np_cell} |")
         known = dict(_sparsity_metrics(entry["folder"])) if entry.get("folder") else {}
@@ -146,8 +144,6 @@ def default_readme(hf_repo_id: str, entries: Mapping[str, dict[str, Any]],
 @contextlib.contextmanager
 def _progress_bars(show: bool) -> Iterator[None]:
     """Turn huggingface_hub's progress bars off for the duration when `show` is False (restored afterwards)."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
     if show or are_progress_bars_disabled():
         yield
         return
@@ -171,9 +167,6 @@ def upload_saes_to_huggingface(saes_dict: Mapping[str, SAE | str | Path], hf_rep
     `metrics` (`{sae_id: {name: value}}`, nested dicts such as an `nnsae.evaluate` record allowed) are listed in
     the default README.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from tqdm.auto import tqdm
-
     if not saes_dict:
         raise ValueError("No SAEs to upload: saes_dict is empty.")
     if not isinstance(hf_repo_id, str) or hf_repo_id.count("/") != 1 or not all(hf_repo_id.split("/")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -210,11 +211,21 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the heap setting is glibc's")
 def test_harvest_batches_reuse_the_heap_instead_of_faulting_pages_in_again():
-    # In a fresh process, as the setting is process-wide. With glibc's default trimming, every batch here faulted about
-    # 5,000 pages in again.
-    run = subprocess.run([sys.executable, "-c", _FAULTS_PER_BATCH], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[1])
-    assert float(run.stdout.split()[-1]) < 1000  # measured 150-600 with the setting
+    # In fresh processes, as the setting is process-wide: by default (NNSAE_KEEP_FREED_HEAP unset or 1) and with the
+    # documented opt-out (0), which leaves glibc's default trimming, where every batch here faults thousands of pages.
+    faults = {}
+    for setting in ("1", "0"):
+        run = subprocess.run([sys.executable, "-c", _FAULTS_PER_BATCH], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parents[1], env={**os.environ, "NNSAE_KEEP_FREED_HEAP": setting})
+        faults[setting] = float(run.stdout.split()[-1])
+    assert faults["1"] < 1000, faults  # measured 1-600 with the setting
+    assert faults["0"] > 5 * max(faults["1"], 200), faults  # measured about 4,600-5,000 without it
+
+
+def test_keep_freed_heap_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("NNSAE_KEEP_FREED_HEAP", "maybe")
+    with pytest.raises(ValueError, match="NNSAE_KEEP_FREED_HEAP='maybe' is not understood: use 1 .* or 0"):
+        Harvester(tiny_model("gpt2"), ["transformer.h.0"])
 
 
 def make_store(tok, model=None, **kw):

@@ -1,4 +1,4 @@
-"""The pretrained registry, Hub downloads and `load_pretrained`, against a loopback Hugging Face Hub.
+"""The pretrained registry, Hub downloads and `SAE.from_pretrained`, against a loopback Hugging Face Hub.
 
 No network: `FakeHub` serves repos from memory on 127.0.0.1 the way the Hub's resolve endpoint does, and
 `huggingface_hub` is pointed at it; the download cache lives in tmp_path.
@@ -28,7 +28,7 @@ from safetensors.torch import save as safetensors_bytes
 from nnsae import SAE, SAEConfig
 from nnsae.io import hub, registry
 from nnsae.io.formats import FORMAT_NAMES, get_format
-from nnsae.io.pretrained import apply_overrides, load_pretrained
+from nnsae.io.pretrained import apply_overrides
 
 LFS_SUFFIXES = (".safetensors", ".npz", ".pt", ".bin")
 
@@ -355,7 +355,7 @@ def test_unknown_release_and_sae_id_suggest_close_matches():
     with pytest.raises(registry.PretrainedLookupError, match="Did you mean 'gpt2-small-res-jb'"):
         registry.lookup("gpt2-small-res-jbb", "blocks.0.hook_resid_pre")
     with pytest.raises(ValueError, match="'blocks.8.hook_resid_pre'"):  # also a ValueError, as in SAELens
-        load_pretrained("gpt2-small-res-jb", "blocks.8.hook_resid_pr")
+        SAE.from_pretrained_with_cfg_and_sparsity("gpt2-small-res-jb", "blocks.8.hook_resid_pr")
     with pytest.raises(KeyError, match="is the folder of SAE id 'layer_3/width_16k/canonical'"):
         registry.lookup("gemma-scope-2b-pt-res-canonical", "layer_3/width_16k/average_l0_59")
     with pytest.raises(registry.PretrainedLookupError, match="Hugging Face repo id"):
@@ -420,7 +420,7 @@ def test_load_by_release_name_fetches_only_that_sae(fake_hub, tmp_path):
              **saelens_files(make_sae(9), "blocks.9.hook_resid_pre", tmp_path), "README.md": b"# SAEs"}
     fake_hub.add_commit(GPT2_REPO, files)
 
-    sae, cfg, sparsity = load_pretrained("gpt2-small-res-jb", "blocks.8.hook_resid_pre")
+    sae, cfg, sparsity = SAE.from_pretrained_with_cfg_and_sparsity("gpt2-small-res-jb", "blocks.8.hook_resid_pre")
     x = x_batch()
     torch.testing.assert_close(sae(x), sae8(x))
     for name, p in sae8.state_dict().items():
@@ -443,7 +443,7 @@ def test_load_by_raw_repo_id_detects_the_layout(fake_hub, tmp_path):
     sae = make_sae(1)
     fake_hub.add_commit("someone/my-saes", saelens_files(sae, "run1/blocks.0.hook_resid_pre", tmp_path,
                                                          sparsity=False))
-    loaded, _, sparsity = load_pretrained("someone/my-saes", "run1/blocks.0.hook_resid_pre")
+    loaded, _, sparsity = SAE.from_pretrained_with_cfg_and_sparsity("someone/my-saes", "run1/blocks.0.hook_resid_pre")
     assert sparsity is None
     torch.testing.assert_close(loaded(x_batch()), sae(x_batch()))
 
@@ -456,23 +456,24 @@ def test_load_by_raw_repo_id_detects_the_layout(fake_hub, tmp_path):
         "layers.3/sae.safetensors": safetensors_bytes(weights),
         "config.json": json.dumps({"model": "EleutherAI/pythia-70m"}).encode(),
     })
-    topk, _, _ = load_pretrained("someone/sparsify-saes", "layers.3")
+    topk, _, _ = SAE.from_pretrained_with_cfg_and_sparsity("someone/sparsify-saes", "layers.3")
     assert (topk.cfg.architecture, topk.cfg.k, topk.cfg.metadata.hf_hook_name) == ("topk", 4, "gpt_neox.layers.3")
     torch.testing.assert_close(topk.W_enc, weights["encoder.weight"].T)
 
     fake_hub.add_commit(GPT2_REPO, saelens_files(make_sae(2), "blocks.0.hook_resid_pre", tmp_path))
     with pytest.warns(UserWarning, match="registered as release"):
-        load_pretrained(GPT2_REPO, "blocks.0.hook_resid_pre")
+        SAE.from_pretrained_with_cfg_and_sparsity(GPT2_REPO, "blocks.0.hook_resid_pre")
 
     fake_hub.add_commit("someone/empty", {"README.md": b"nothing"})
     with pytest.raises(hub.SAEFileNotFoundError, match="No SAE found under 'x' in Hugging Face repo 'someone/empty'"):
-        load_pretrained("someone/empty", "x")
+        SAE.from_pretrained_with_cfg_and_sparsity("someone/empty", "x")
 
 
 def test_gemma_scope_params_npz_by_release_name(fake_hub):
     npz = gemma_scope_npz(0)
     fake_hub.add_commit("google/gemma-scope-2b-pt-res", {"layer_12/width_16k/average_l0_82/params.npz": npz})
-    sae, cfg, sparsity = load_pretrained("gemma-scope-2b-pt-res-canonical", "layer_12/width_16k/canonical")
+    sae, cfg, sparsity = SAE.from_pretrained_with_cfg_and_sparsity("gemma-scope-2b-pt-res-canonical",
+                                                                   "layer_12/width_16k/canonical")
     assert sparsity is None and sae.cfg.architecture == "jumprelu" and not sae.cfg.apply_b_dec_to_input
     assert sae.cfg.metadata.hook_name == "blocks.12.hook_resid_post"
     assert sae.cfg.metadata.model_name == "gemma-2-2b"
@@ -491,27 +492,27 @@ def test_revision_is_honoured(fake_hub, tmp_path, test_release):
     fake_hub.add_commit("t/rev", saelens_files(new, "sae", tmp_path), refs=("main",))
     x = x_batch()
     for revision, expected in ((None, new), ("main", new), ("v1", old), (old_sha, old)):
-        sae, _, _ = load_pretrained("t-rev", "sae", revision=revision)
+        sae, _, _ = SAE.from_pretrained_with_cfg_and_sparsity("t-rev", "sae", revision=revision)
         torch.testing.assert_close(sae(x), expected(x), msg=f"revision={revision}")
     assert any("/resolve/v1/" in p for p in fake_hub.requested("hub"))
     with pytest.raises(hub.RevisionNotFoundError, match="Revision 'v9' not found in Hugging Face repo 't/rev'"):
-        load_pretrained("t-rev", "sae", revision="v9")
+        SAE.from_pretrained_with_cfg_and_sparsity("t-rev", "sae", revision="v9")
 
 
 def test_cache_reuse_and_force_download(fake_hub, tmp_path, test_release):
     test_release("t-force", {"repo_id": "t/force", "model": "m", "format": "saelens", "saes": ["sae"]})
     fake_hub.add_commit("t/force", saelens_files(make_sae(3), "sae", tmp_path))
-    load_pretrained("t-force", "sae")
+    SAE.from_pretrained_with_cfg_and_sparsity("t-force", "sae")
     assert len(fake_hub.requested("cdn", "GET")) == 2
     fake_hub.clear_log()
-    load_pretrained("t-force", "sae")  # cached: metadata checks only, no download
+    SAE.from_pretrained_with_cfg_and_sparsity("t-force", "sae")  # cached: metadata checks only, no download
     assert fake_hub.requested("cdn") == [] and fake_hub.requested("hub", "GET") == []
-    load_pretrained("t-force", "sae", force_download=True)
+    SAE.from_pretrained_with_cfg_and_sparsity("t-force", "sae", force_download=True)
     assert len(fake_hub.requested("cdn", "GET")) == 2 and fake_hub.requested("hub", "GET") == [
         "/t/force/resolve/main/sae/cfg.json"]
 
     custom = tmp_path / "custom-cache"
-    load_pretrained("t-force", "sae", cache_dir=custom)
+    SAE.from_pretrained_with_cfg_and_sparsity("t-force", "sae", cache_dir=custom)
     assert (custom / "models--t--force").is_dir()
 
 
@@ -521,32 +522,32 @@ def test_offline_uses_the_cache_and_fails_fast_without_it(fake_hub, tmp_path, te
     fake_hub.add_commit("t/off", saelens_files(v1_sae, "sae", tmp_path), refs=("v1",))
     fake_hub.add_commit("t/off", saelens_files(main_sae, "sae", tmp_path, sparsity=False), refs=("main",))
     fake_hub.add_commit("someone/raw", saelens_files(main_sae, "f", tmp_path))
-    load_pretrained("t-off", "sae")
-    load_pretrained("t-off", "sae", revision="v1")
-    load_pretrained("someone/raw", "f")
+    SAE.from_pretrained_with_cfg_and_sparsity("t-off", "sae")
+    SAE.from_pretrained_with_cfg_and_sparsity("t-off", "sae", revision="v1")
+    SAE.from_pretrained_with_cfg_and_sparsity("someone/raw", "f")
     fake_hub.stop()
     offline()
 
     x = x_batch()
-    sae, _, sparsity = load_pretrained("t-off", "sae")
+    sae, _, sparsity = SAE.from_pretrained_with_cfg_and_sparsity("t-off", "sae")
     torch.testing.assert_close(sae(x), main_sae(x))
     assert sparsity is None
-    sae, _, sparsity = load_pretrained("t-off", "sae", revision="v1")
+    sae, _, sparsity = SAE.from_pretrained_with_cfg_and_sparsity("t-off", "sae", revision="v1")
     torch.testing.assert_close(sae(x), v1_sae(x))
     assert sparsity is not None
-    sae, _, _ = load_pretrained("someone/raw", "f")
+    sae, _, _ = SAE.from_pretrained_with_cfg_and_sparsity("someone/raw", "f")
     torch.testing.assert_close(sae(x), main_sae(x))
 
     empty = tmp_path / "empty-cache"
     start = time.monotonic()
     with pytest.raises(hub.OfflineCacheMissError, match="Offline mode is on") as info:
-        load_pretrained("t-off", "sae", cache_dir=empty)
+        SAE.from_pretrained_with_cfg_and_sparsity("t-off", "sae", cache_dir=empty)
     assert time.monotonic() - start < 5
     assert str(empty) in str(info.value) and "'t/off'" in str(info.value) and "sae/cfg.json" in str(info.value)
     with pytest.raises(hub.OfflineCacheMissError, match="Offline mode is on.*'someone/raw'"):
-        load_pretrained("someone/raw", "f", cache_dir=empty)
+        SAE.from_pretrained_with_cfg_and_sparsity("someone/raw", "f", cache_dir=empty)
     with pytest.raises(hub.OfflineCacheMissError, match="force_download=True needs the Hugging Face Hub"):
-        load_pretrained("t-off", "sae", force_download=True)
+        SAE.from_pretrained_with_cfg_and_sparsity("t-off", "sae", force_download=True)
 
 
 def test_missing_file_and_missing_repo_errors(fake_hub, tmp_path, test_release):
@@ -555,17 +556,17 @@ def test_missing_file_and_missing_repo_errors(fake_hub, tmp_path, test_release):
     del files["half/sae_weights.safetensors"]
     fake_hub.add_commit("t/miss", files, refs=("main", "dev"))
     with pytest.raises(hub.SAEFileNotFoundError) as info:
-        load_pretrained("t-miss", "half", revision="dev")
+        SAE.from_pretrained_with_cfg_and_sparsity("t-miss", "half", revision="dev")
     assert str(info.value) == ("File 'half/sae_weights.safetensors' not found in Hugging Face repo 't/miss' at "
                                "revision 'dev'.")
     with pytest.raises(FileNotFoundError, match="'gone/cfg.json' not found in Hugging Face repo 't/miss' at "
                                                 "revision 'main'"):
-        load_pretrained("t-miss", "gone")
+        SAE.from_pretrained_with_cfg_and_sparsity("t-miss", "gone")
     test_release("t-norepo", {"repo_id": "t/does-not-exist", "format": "saelens", "saes": ["a"]})
     with pytest.raises(hub.RepoNotFoundError, match="repo 't/does-not-exist' not found"):
-        load_pretrained("t-norepo", "a")
+        SAE.from_pretrained_with_cfg_and_sparsity("t-norepo", "a")
     with pytest.raises(hub.RepoNotFoundError, match="repo 'nobody/nothing' not found"):
-        load_pretrained("nobody/nothing", "a")
+        SAE.from_pretrained_with_cfg_and_sparsity("nobody/nothing", "a")
 
 
 def test_norm_scaling_factor_folding_equals_scaling_the_input_by_hand(fake_hub):
@@ -584,7 +585,7 @@ def test_norm_scaling_factor_folding_equals_scaling_the_input_by_hand(fake_hub):
         f"{folder}/hyperparams.json": json.dumps(hyperparams).encode(),
         f"{folder}/checkpoints/final.safetensors": safetensors_bytes(weights)})
 
-    folded, cfg, _ = load_pretrained("llama_scope_lxr_8x", "l0r_8x", dtype="float64")
+    folded, cfg, _ = SAE.from_pretrained_with_cfg_and_sparsity("llama_scope_lxr_8x", "l0r_8x", dtype="float64")
     assert folded.cfg.normalize_activations == "none" and cfg["normalize_activations"] == "none"
     assert folded.cfg.metadata.neuronpedia_id == "llama3.1-8b/0-llamascope-res-32k"
 
@@ -608,11 +609,11 @@ def test_missing_norm_scaling_factor_warns_and_keeps_the_sae_unfolded(fake_hub, 
     fake_hub.add_commit("t/norm", {**saelens_files(sae, "with-factor", tmp_path),
                                    **saelens_files(sae, "without-factor", tmp_path)})
     with pytest.warns(UserWarning, match="no norm_scaling_factor"):
-        unfolded, _, _ = load_pretrained("t-norm", "without-factor")
+        unfolded, _, _ = SAE.from_pretrained_with_cfg_and_sparsity("t-norm", "without-factor")
     assert unfolded.cfg.normalize_activations == "expected_average_only_in"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        folded, _, _ = load_pretrained("t-norm", "w")
+        folded, _, _ = SAE.from_pretrained_with_cfg_and_sparsity("t-norm", "w")
     x = x_batch()
     torch.testing.assert_close(folded.encode(x), unfolded.encode(4.0 * x))
 
@@ -622,10 +623,10 @@ def test_dtype_device_overrides_and_fold_W_dec_norm(fake_hub, tmp_path, test_rel
                             "config_overrides": {"normalize_activations": "layer_norm", "dataset_path": "d/p"}})
     sae = make_sae(8)
     fake_hub.add_commit("t/opts", saelens_files(sae, "sae", tmp_path))
-    half, cfg, _ = load_pretrained("t-opts", "sae", dtype="bfloat16", device="cpu")
+    half, cfg, _ = SAE.from_pretrained_with_cfg_and_sparsity("t-opts", "sae", dtype="bfloat16", device="cpu")
     assert half.W_enc.dtype == torch.bfloat16 and cfg["dtype"] == "bfloat16" and cfg["device"] == "cpu"
     assert half.cfg.normalize_activations == "layer_norm" and half.cfg.metadata.dataset_path == "d/p"
-    unit, cfg, _ = load_pretrained("t-opts", "sae", fold_W_dec_norm=True)
+    unit, cfg, _ = SAE.from_pretrained_with_cfg_and_sparsity("t-opts", "sae", fold_W_dec_norm=True)
     torch.testing.assert_close(unit.W_dec.norm(dim=-1), torch.ones(16))
-    plain, _, _ = load_pretrained("t-opts", "sae")
+    plain, _, _ = SAE.from_pretrained_with_cfg_and_sparsity("t-opts", "sae")
     torch.testing.assert_close(unit(x_batch()), plain(x_batch()))

@@ -1,4 +1,5 @@
-"""The SAE family: one base class, one small class per architecture, and the table that maps names to classes."""
+"""The SAE family: one base class, one small class per architecture, and their registration in the table that maps
+names to classes (`ARCHITECTURES`, kept in `nnsae.config` so configs can be checked against it)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,7 @@ from nnsae.architectures.jumprelu import JumpReLUSAE
 from nnsae.architectures.standard import StandardSAE
 from nnsae.architectures.topk import AbsTopKSAE, TopKSAE
 from nnsae.architectures.transcoder import JumpReLUSkipTranscoder, JumpReLUTranscoder, SkipTranscoder, Transcoder
-
-ARCHITECTURES: dict[str, type[SAE]] = {
-    cls.architecture: cls
-    for cls in (StandardSAE, GatedSAE, JumpReLUSAE, TopKSAE, AbsTopKSAE, Transcoder, SkipTranscoder,
-                JumpReLUTranscoder, JumpReLUSkipTranscoder)
-}
-
-
-def architecture_class(architecture: str) -> type[SAE]:
-    """The SAE class for an architecture name, with an error listing the known ones."""
-    try:
-        return ARCHITECTURES[architecture]
-    except KeyError:
-        raise ValueError(
-            f"Unknown SAE architecture {architecture!r}; known architectures: {sorted(ARCHITECTURES)}."
-        ) from None
+from nnsae.config import ARCHITECTURES, architecture_class
 
 
 def register_architecture(cls: type[SAE]) -> type[SAE]:
@@ -32,6 +18,12 @@ def register_architecture(cls: type[SAE]) -> type[SAE]:
         raise ValueError(f"Architecture {cls.architecture!r} is already registered.")
     ARCHITECTURES[cls.architecture] = cls
     return cls
+
+
+for _builtin in (StandardSAE, GatedSAE, JumpReLUSAE, TopKSAE, AbsTopKSAE, Transcoder, SkipTranscoder,
+                 JumpReLUTranscoder, JumpReLUSkipTranscoder):
+    register_architecture(_builtin)
+del _builtin
 
 
 __all__ = ["ARCHITECTURES", "SAE", "AbsTopKSAE", "GatedSAE", "JumpReLUSAE", "JumpReLUSkipTranscoder",

@@ -8,13 +8,14 @@ no zero-argument `super()`, no behaviour-carrying decorators.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from nnsae.config import SAEConfig, dtype_name, parse_dtype
+from nnsae.config import SAEConfig, architecture_class, dtype_name, parse_dtype
 from nnsae.seam import module_observed
 
 HOOK_NAMES = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error",
@@ -64,8 +65,6 @@ class SAE(nn.Module):
     @classmethod
     def from_config(cls, cfg: SAEConfig | dict[str, Any]) -> SAE:
         """A new SAE of `cfg.architecture` with SAELens' default initialisation."""
-        from nnsae.architectures import architecture_class
-
         if isinstance(cfg, dict):
             cfg = SAEConfig.from_dict(cfg)
         return architecture_class(cfg.architecture)(cfg)
@@ -74,8 +73,6 @@ class SAE(nn.Module):
     def from_dict(cls, cfg: SAEConfig | dict[str, Any], state_dict: dict[str, torch.Tensor],
                   device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> SAE:
         """An SAE from a config and a state dict with SAELens keys, checked strictly (names and shapes)."""
-        from nnsae.architectures import architecture_class
-
         if isinstance(cfg, dict):
             cfg = SAEConfig.from_dict(cfg)
         if device is not None:
@@ -312,6 +309,8 @@ class SAE(nn.Module):
 
     def save_model(self, path: str | Path, log_sparsity: torch.Tensor | None = None) -> tuple[Path, Path]:
         """Write cfg.json + sae_weights.safetensors (+ sparsity.safetensors) in SAELens 6 layout."""
+        # The file methods import nnsae.io when called, not at module level: an SAE shipped by value to a remote
+        # nnsight server takes the module-level names its methods use along, and the io stack cannot travel.
         from nnsae.io.formats import saelens
 
         return saelens.save(self, Path(path), log_sparsity if log_sparsity is not None else self.log_feature_sparsity)
@@ -352,13 +351,40 @@ class SAE(nn.Module):
     @classmethod
     def from_pretrained_with_cfg_and_sparsity(cls, release: str, sae_id: str, device: str | torch.device = "cpu",
                                               dtype: str | torch.dtype = "float32", force_download: bool = False,
-                                              fold_W_dec_norm: bool = False, revision: str | None = None
+                                              fold_W_dec_norm: bool = False, revision: str | None = None, *,
+                                              cache_dir: str | Path | None = None, token: str | bool | None = None
                                               ) -> tuple[SAE, dict[str, Any], torch.Tensor | None]:
-        """`from_pretrained`, also returning the config dict and the log10 feature sparsity (or None)."""
-        from nnsae.io.pretrained import load_pretrained
+        """`from_pretrained`, also returning the config dict (the SAE's `cfg.to_dict()` before any
+        `fold_W_dec_norm`) and the log10 feature sparsity (or None).
 
-        return load_pretrained(release, sae_id, device=device, dtype=dtype, force_download=force_download,
-                               revision=revision, fold_W_dec_norm=fold_W_dec_norm)
+        `release` is a name from the registry (`nnsae.list_pretrained()`), or a Hugging Face repo id with `sae_id`
+        the SAE's folder in that repo (layout detected). `revision`, `cache_dir`, `force_download` and `token` go to
+        `huggingface_hub`; `HF_HUB_OFFLINE=1` loads from the cache only. The release's config overrides and
+        Neuronpedia id are applied, and its norm scaling factor is folded in for an SAE that expects
+        `expected_average_only_in` input scaling."""
+        from nnsae.io.pretrained import read_pretrained
+
+        files = read_pretrained(release, sae_id, device=device, dtype=dtype, force_download=force_download,
+                                revision=revision, cache_dir=cache_dir, token=token)
+        sae = cls.from_dict(files.cfg, files.state_dict, device=device, dtype=dtype)
+        log_sparsity = files.log_sparsity
+        if log_sparsity is not None:
+            log_sparsity = log_sparsity.to(device=torch.device(device))
+        sae.log_feature_sparsity = log_sparsity
+        if sae.cfg.normalize_activations == "expected_average_only_in":
+            if files.norm_scaling_factor is not None:
+                sae.fold_activation_norm_scaling_factor(files.norm_scaling_factor)
+            else:
+                warnings.warn(
+                    f"SAE {sae_id!r} of {release!r} expects inputs scaled by a norm factor "
+                    f"(normalize_activations='expected_average_only_in') but the registry has no norm_scaling_factor "
+                    f"for it; the factor is not folded, so scale inputs yourself.", UserWarning, stacklevel=2,
+                )
+        sae = sae.to(device=torch.device(device), dtype=parse_dtype(dtype))  # guarantee the requested placement
+        returned_cfg = sae.cfg.to_dict()
+        if fold_W_dec_norm:
+            sae.fold_W_dec_norm()
+        return sae, returned_cfg, log_sparsity
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}, "

@@ -8,16 +8,18 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from nnsae.architectures import SAE
 from nnsae.dashboards import render
 from nnsae.dashboards.data import ExtractionSource, FeatureData, logit_data, parse_features, read_manifest
 from nnsae.dashboards.logits import LogitEffectsUnavailable, logit_lens
 from nnsae.dashboards.schema import SCHEMA, SCHEMA_VERSION
 from nnsae.dashboards.tokens import TokenRenderer, display
 from nnsae.data import OFFLINE
+from nnsae.extract import extract, sae_fingerprint, sae_names
 from nnsae.io.files import atomic_write
-from nnsae.neuronpedia import NEURONPEDIA_DOMAIN
-from nnsae.architectures import SAE
+from nnsae.neuronpedia import neuronpedia_page_url
 
 EXTRACTION_DIR = "extraction"
 
@@ -80,7 +82,7 @@ def feature_record(fd: FeatureData, renderer: TokenRenderer, info: dict[str, Any
         "modelId": model_id if np_id else str(info.get("model") or ""),
         "layer": source if np_id else info["name"],
         "index": fd.index, "sae": info["name"],
-        "neuronpedia_id": np_id, "neuronpedia_url": f"{NEURONPEDIA_DOMAIN}/{np_id}/{fd.index}" if np_id else None,
+        "neuronpedia_id": np_id, "neuronpedia_url": neuronpedia_page_url(np_id, fd.index) if np_id else None,
         "n_tokens": fd.n_tokens, "firing_count": fd.firing_count, "firings_in_shards": fd.firings_in_shards,
         "frac_nonzero": _finite(fd.density), "max_act": _finite(fd.max_act), "mean_act": _finite(fd.mean_act),
         "freq_hist_data_bar_heights": counts,
@@ -137,8 +139,6 @@ def _named(sae_or_saes: SAE | Sequence[SAE] | Mapping[str, SAE] | None) -> list[
 def _match_extraction(named: list[tuple[str | None, SAE]], manifest: dict[str, Any], where: Path
                       ) -> list[tuple[str, SAE | None]]:
     """Pair the given SAEs with the SAEs of an existing extraction (by name, else by weights fingerprint)."""
-    from nnsae.extract import sae_fingerprint, sae_names
-
     entries = manifest["saes"]
     names = [e["name"] for e in entries]
     if not named:
@@ -194,21 +194,17 @@ def build_site(extraction_dir: str | Path, sae_name: str, site: str | Path, *, s
     else:
         logit_note = "no model given" if model is None else "no SAE object given"
 
-    from tqdm.auto import tqdm
-
     rows = []
     (site / "features").mkdir(parents=True, exist_ok=True)
     keep = {f"{i}.{ext}" for i in picked for ext in ("html", "json")}
     for stale in (site / "features").iterdir():  # pages of features an earlier build showed and this one does not
         if stale.suffix in (".html", ".json") and stale.stem.isdigit() and stale.name not in keep:
             stale.unlink()
-    np_id = info.get("neuronpedia_id")
     for k, fd in enumerate(tqdm(fds, desc=f"pages {sae_name}", disable=not progress, unit="feature")):
         record = feature_record(fd, renderer, info, logit_method)
         prev_next = (picked[k - 1] if k > 0 else None, picked[k + 1] if k + 1 < len(picked) else None)
-        url = f"{NEURONPEDIA_DOMAIN}/{np_id}/{fd.index}" if np_id else None
-        _write(site / "features" / f"{fd.index}.html",
-               render.feature_page(fd, renderer, info, prev_next, logit_method, logit_note, url))
+        _write(site / "features" / f"{fd.index}.html", render.feature_page(
+            fd, renderer, info, prev_next, logit_method, logit_note, record["neuronpedia_url"]))
         _write(site / "features" / f"{fd.index}.json", _dump(record))
         rows.append(index_row(record))
     extraction = {"path": str(Path(extraction_dir).resolve()), "n_tokens": int(src.stats["n_tokens_counted"]),
@@ -258,8 +254,6 @@ def dashboard(model: Any, sae_or_saes: SAE | Sequence[SAE] | Mapping[str, SAE] |
     if from_extraction is None:
         if model is None or not named:
             raise ValueError("dashboard() needs a model and SAEs to run the extraction (or from_extraction=DIR).")
-        from nnsae.extract import extract, sae_names
-
         objects = [s for _, s in named]
         given = {g: s for g, s in named} if all(g is not None for g, _ in named) else objects
         saes = dict(zip(sae_names(given), objects))

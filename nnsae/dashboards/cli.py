@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nnsae.cli_args import load_sae_arg
+from nnsae.dashboards.build import dashboard
+from nnsae.models import load_model
+
 
 def _count(text: str) -> int:
     """'200000', '2e5' or '200_000' → 200000."""
@@ -24,10 +28,6 @@ def _count(text: str) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
-    from nnsae.cli import load_sae_arg
-    from nnsae.dashboards import dashboard
-    from nnsae.models import load_model
-
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     saes = [load_sae_arg(spec, device=args.device) for spec in args.sae]
     site = dashboard(model, saes if len(saes) > 1 else saes[0], dataset=args.dataset, out=args.out,

@@ -1,5 +1,8 @@
 """HTML of the dashboard: self-contained pages (inline CSS, inline SVG, one inline script on the index), no network.
 
+The stylesheet and the index's script are package data (`static/dashboard.css`, `static/index.js`), inlined into
+each page so a site opens from disk with nothing else.
+
 Every piece of data is HTML-escaped (`html.escape`) or, in the index's JSON blob, JSON-encoded with `<`, `>` and
 `&` as `\\u003c`-style escapes, so text such as `</script><script>alert(1)</script>` in a dataset is shown, never
 run. Pages also carry a Content-Security-Policy that forbids every network load and allows only the index's own
@@ -13,125 +16,21 @@ import hashlib
 import html
 import json
 import math
+from importlib import resources
 from typing import Any, Sequence
 
 from nnsae.dashboards.data import Example, ExampleGroup, FeatureData
 from nnsae.dashboards.tokens import Token, TokenRenderer, display
+from nnsae.neuronpedia import neuronpedia_page_url
 
-CSS = """
-:root{--fg:#1d2330;--mute:#6b7280;--line:#e5e7eb;--bg:#fff;--accent:#c2410c;--chip:#f3f4f6}
-*{box-sizing:border-box}
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg);
- margin:0 auto;max-width:1200px;padding:16px 20px 48px}
-a{color:#1d4ed8;text-decoration:none}a:hover{text-decoration:underline}
-h1{font-size:22px;margin:4px 0 2px}h2{font-size:16px;margin:22px 0 8px;border-bottom:1px solid var(--line);
- padding-bottom:4px}h3{font-size:13px;margin:12px 0 6px;color:var(--mute);font-weight:600}
-.sub{color:var(--mute);font-size:13px}.nav{display:flex;gap:14px;font-size:13px;margin-bottom:6px}
-dl.stats{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;margin:8px 0}
-dl.stats dt{color:var(--mute)}dl.stats dd{margin:0;font-variant-numeric:tabular-nums}
-.cols{display:flex;flex-wrap:wrap;gap:24px}.cols>div{flex:1 1 320px;min-width:0}
-table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;border-bottom:1px solid var(--line);
- text-align:left;vertical-align:top}th{font-weight:600;color:var(--mute)}
-td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-.tok{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre;background:var(--chip);
- border-radius:3px;padding:0 3px;font-size:12.5px}
-.ctx{display:flex;gap:10px;align-items:baseline;padding:3px 0;border-bottom:1px dotted var(--line)}
-.ctx .v{flex:0 0 64px;text-align:right;font-variant-numeric:tabular-nums;color:var(--mute);font-size:12px}
-.toks{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px;white-space:pre;
- overflow-x:auto;line-height:1.7}
-.t{border-radius:2px;padding:1px 0}.t:hover{outline:1px solid #111}
-.t.q{outline:2px solid var(--accent);font-weight:700}.t.sp{color:var(--mute);font-size:11px}
-.t.ws{color:#9ca3af}.t.partial{display:inline-block;min-width:3px;height:1em;vertical-align:middle}
-.qhead{color:var(--mute);font-size:12px;margin:10px 0 2px}
-svg text{font:10px system-ui,sans-serif;fill:#6b7280}svg .bar{fill:#ea580c}svg .bar.neg{fill:#2563eb}
-svg .bar:hover{fill:#9a3412}.note{color:var(--mute);font-size:12px;max-width:900px}
-#controls{display:flex;gap:10px;align-items:center;margin:10px 0}
-#q{font:inherit;padding:5px 8px;width:320px;border:1px solid #cbd5e1;border-radius:4px}
-#features th{cursor:pointer;user-select:none;white-space:nowrap}#features th.sorted::after{content:" \\25BE"}
-#features th.sorted.asc::after{content:" \\25B4"}#pager button{font:inherit;padding:2px 10px}
-.chips .tok{margin-right:4px}.pair{display:flex;flex-wrap:wrap;gap:18px}.pair>div{flex:0 1 auto}
-"""
 
-INDEX_JS = r"""
-(function () {
-  "use strict";
-  var data = JSON.parse(document.getElementById("feature-data").textContent);
-  var rows = data.features;
-  var PAGE = 100;
-  rows.forEach(function (r) {
-    r._h = (r.index + " " + r.max_act_tokens.join(" ") + " " + r.pos_str.join(" ") + " " + r.neg_str.join(" "))
-      .toLowerCase();
-  });
-  var keys = {index: "index", density: "frac_nonzero", max: "max_act", mean: "mean_act"};
-  var state = {q: "", sort: "index", dir: 1, page: 0};
-  (location.hash || "").replace(/^#/, "").split("&").forEach(function (kv) {
-    var p = kv.split("="), k = decodeURIComponent(p[0] || ""), v = decodeURIComponent((p[1] || "").replace(/\+/g, " "));
-    if (k === "q") state.q = v;
-    var key = v.replace(/^-/, "");
-    if (k === "sort" && keys[key]) { state.sort = key; state.dir = v[0] === "-" ? -1 : 1; }
-    if (k === "page") state.page = Math.max(0, (parseInt(v, 10) || 1) - 1);
-  });
-  var q = document.getElementById("q"), body = document.querySelector("#features tbody");
-  var info = document.getElementById("count");
-  var prev = document.getElementById("prev"), next = document.getElementById("next");
-  q.value = state.q;
-  function chip(parent, text) {
-    var s = document.createElement("span"); s.className = "tok"; s.textContent = text; parent.appendChild(s);
-  }
-  function cell(tr, text, cls) {
-    var td = document.createElement("td");
-    if (cls) td.className = cls;
-    td.textContent = text; tr.appendChild(td); return td;
-  }
-  function fmt(x) { return Math.abs(x) >= 100 ? x.toFixed(1) : x.toPrecision(3); }
-  function render() {
-    var needle = state.q.trim().toLowerCase();
-    var list = needle ? rows.filter(function (r) { return r._h.indexOf(needle) >= 0; }) : rows.slice();
-    var key = keys[state.sort], dir = state.dir;
-    list.sort(function (a, b) { return (a[key] - b[key]) * dir || a.index - b.index; });
-    var pages = Math.max(1, Math.ceil(list.length / PAGE));
-    state.page = Math.min(state.page, pages - 1);
-    var start = state.page * PAGE, shown = list.slice(start, start + PAGE);
-    var frag = document.createDocumentFragment();
-    shown.forEach(function (r) {
-      var tr = document.createElement("tr"); tr.setAttribute("data-feature", r.index);
-      var td = document.createElement("td"), a = document.createElement("a");
-      a.href = r.page; a.textContent = "#" + r.index; td.appendChild(a); tr.appendChild(td);
-      cell(tr, (100 * r.frac_nonzero).toPrecision(3) + "%", "num density");
-      cell(tr, fmt(r.max_act), "num max");
-      cell(tr, fmt(r.mean_act), "num mean");
-      var tt = cell(tr, "", "chips tokens"); r.max_act_tokens.slice(0, 5).forEach(function (t) { chip(tt, t); });
-      var pl = cell(tr, "", "chips logits"); r.pos_str.slice(0, 5).forEach(function (t) { chip(pl, t); });
-      frag.appendChild(tr);
-    });
-    body.textContent = ""; body.appendChild(frag);
-    info.textContent = list.length ? ("Features " + (start + 1) + "\u2013" + (start + shown.length) + " of " +
-      list.length + (needle ? " matching (" + rows.length + " total)" : "")) : "No feature matches.";
-    prev.disabled = state.page === 0; next.disabled = state.page >= pages - 1;
-    document.querySelectorAll("#features th[data-sort]").forEach(function (th) {
-      var on = th.getAttribute("data-sort") === state.sort;
-      th.classList.toggle("sorted", on); th.classList.toggle("asc", on && state.dir > 0);
-    });
-    var h = "sort=" + (state.dir < 0 ? "-" : "") + state.sort + (state.q ? "&q=" + encodeURIComponent(state.q) : "") +
-      (state.page ? "&page=" + (state.page + 1) : "");
-    if (history.replaceState) { try { history.replaceState(null, "", "#" + h); } catch (e) { /* file:// */ } }
-  }
-  var timer = null;
-  q.addEventListener("input", function () {
-    clearTimeout(timer); timer = setTimeout(function () { state.q = q.value; state.page = 0; render(); }, 120);
-  });
-  document.querySelectorAll("#features th[data-sort]").forEach(function (th) {
-    th.addEventListener("click", function () {
-      var k = th.getAttribute("data-sort");
-      if (state.sort === k) state.dir = -state.dir; else { state.sort = k; state.dir = k === "index" ? 1 : -1; }
-      state.page = 0; render();
-    });
-  });
-  prev.addEventListener("click", function () { state.page -= 1; render(); });
-  next.addEventListener("click", function () { state.page += 1; render(); });
-  render();
-})();
-"""
+def _static(name: str) -> str:
+    """A file of `nnsae/dashboards/static/` (package data)."""
+    return resources.files("nnsae.dashboards").joinpath("static").joinpath(name).read_text(encoding="utf-8")
+
+
+CSS = _static("dashboard.css")  # inlined into every page's <style>
+INDEX_JS = _static("index.js")  # inlined into the index page; its sha256 is the page's script CSP
 
 
 def esc(value: Any) -> str:
@@ -428,7 +327,7 @@ def index_page(info: dict[str, Any], rows: list[dict[str, Any]], extraction: dic
               f'{esc(extraction.get("dataset") or "the dataset")}</div>']
     if info.get("neuronpedia_id"):
         header.append(f'<div class="sub">Neuronpedia: <a rel="noopener noreferrer" '
-                      f'href="https://neuronpedia.org/{esc(info["neuronpedia_id"])}">{esc(info["neuronpedia_id"])}</a>'
+                      f'href="{esc(neuronpedia_page_url(info["neuronpedia_id"]))}">{esc(info["neuronpedia_id"])}</a>'
                       "</div>")
     controls = ('<div id="controls"><input id="q" type="search" placeholder="Search feature #, tokens, logits…" '
                 'autocomplete="off"><button id="prev" type="button">← prev</button><button id="next" type="button">'

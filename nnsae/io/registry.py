@@ -44,6 +44,8 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from nnsae.io.formats import FORMAT_NAMES
+
 ENTRY_FIELDS = ("id", "path", "l0", "neuronpedia", "norm_scaling_factor", "variance_explained")
 RELEASE_FIELDS = ("repo_id", "model", "format", "links", "config_overrides", "expand", "saes")
 _RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
@@ -198,8 +200,6 @@ def _normalise_entry(entry: Any, where: str) -> dict[str, Any]:
 
 def expand_release(name: str, spec: dict[str, Any]) -> Release:
     """Turn one release mapping of the YAML file into a `Release` with every SAE entry written out."""
-    from nnsae.io.formats import FORMAT_NAMES
-
     where = f"pretrained release {name!r}"
     unknown = set(spec) - set(RELEASE_FIELDS)
     if unknown:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nnsae.training.base import TrainingSAE
 from nnsae.training.batchtopk import BatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAE
-from nnsae.training.config import ARCHITECTURES, TrainConfig
+from nnsae.training.config import TRAINABLE_ARCHITECTURES, TrainConfig
 from nnsae.training.gated import GatedTrainingSAE
 from nnsae.training.jumprelu import JumpReLUTrainingSAE
 from nnsae.training.standard import StandardTrainingSAE
@@ -15,7 +15,7 @@ TRAINING_CLASSES: dict[str, type[TrainingSAE]] = {
     for cls in (StandardTrainingSAE, GatedTrainingSAE, JumpReLUTrainingSAE, TopKTrainingSAE, AbsTopKTrainingSAE,
                 BatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAE)
 }
-assert set(TRAINING_CLASSES) == set(ARCHITECTURES)
+assert set(TRAINING_CLASSES) == set(TRAINABLE_ARCHITECTURES)
 
 
 def make_training_sae(cfg: TrainConfig, d_in: int) -> TrainingSAE:

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TOPK_FAMILY = ("topk", "abstopk", "batchtopk", "matryoshka_batchtopk")
-ARCHITECTURES = ("standard", "gated", "jumprelu", *TOPK_FAMILY)
+# Architectures `train` can train (the SAEs it saves are of the inference architectures in
+# `nnsae.architectures.ARCHITECTURES`; batchtopk and matryoshka_batchtopk are saved as jumprelu).
+TRAINABLE_ARCHITECTURES = ("standard", "gated", "jumprelu", *TOPK_FAMILY)
 LR_SCHEDULERS = ("constant", "cosineannealing", "cosineannealingwarmrestarts")
 LR_SCHEDULER_ALIASES = {"cosine": "cosineannealing", "cosine_restarts": "cosineannealingwarmrestarts"}
 JUMPRELU_MODES = ("step", "tanh", "quadratic")
@@ -94,8 +96,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         arch = self.architecture
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"Unknown training architecture {arch!r}; known architectures: {list(ARCHITECTURES)}.")
+        if arch not in TRAINABLE_ARCHITECTURES:
+            raise ValueError(f"Unknown training architecture {arch!r}; known architectures: "
+                             f"{list(TRAINABLE_ARCHITECTURES)}.")
         self.lr_scheduler = LR_SCHEDULER_ALIASES.get(self.lr_scheduler.lower(), self.lr_scheduler.lower())
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler={self.lr_scheduler!r} is not one of {LR_SCHEDULERS} "
