@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
@@ -14,7 +15,7 @@ from nnsae.cli_args import load_sae_arg
 from nnsae.dashboards.cli import add_dashboard_command
 from nnsae.evals import evaluate
 from nnsae.extract import extract
-from nnsae.harvest import ActivationStore
+from nnsae.harvest import KEEP_FREED_HEAP_ENV, ActivationStore
 from nnsae.io.registry import list_pretrained, list_sae_ids
 from nnsae.models import load_model
 from nnsae.training import TrainConfig, train
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault(KEEP_FREED_HEAP_ENV, "1")  # this process is nnsae's own (see nnsae.harvest)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import nnsight
 import torch
 
 import nnsae
+from nnsae.harvest import KEEP_FREED_HEAP_ENV
 
 PROMPT = "When John and Mary went to the shops, John gave the bag to"
 LAYER_HOOK = "model.layers.6"
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", type=int, default=24, help="features in the dashboard")
     parser.add_argument("--dashboard-tokens", type=int, default=16_384, help="tokens scanned for the dashboard")
     args = parser.parse_args(argv)
+    os.environ.setdefault(KEEP_FREED_HEAP_ENV, "1")  # this process is nnsae's own (see nnsae.harvest)
     out = Path(args.out)
     torch.manual_seed(0)
 

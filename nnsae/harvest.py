@@ -76,25 +76,23 @@ _heap_kept = False
 
 
 def _keep_freed_heap() -> bool:
-    """Unless `NNSAE_KEEP_FREED_HEAP=0`, let glibc keep freed heap memory for reuse: blocks of up to 32 MiB come from
-    the heap, whose top goes back to the OS only once more than 1 GiB of it is free. Returns whether that is in
-    effect; a no-op off glibc.
+    """With `NNSAE_KEEP_FREED_HEAP=1`, let glibc keep freed heap memory for reuse: blocks of up to 32 MiB come from the
+    heap, whose top goes back to the OS only once more than 1 GiB of it is free. Returns whether that is in effect; a
+    no-op off glibc.
 
     Why: with glibc's default (dynamic) thresholds, every nnsight trace faulted its tensors' memory back in page by
     page: on SmolLM2 (8 × 128 tokens) 5,000-20,000 pages per batch, each about 4 µs on a VM, where a loop of plain
     forwards settles at none.
 
-    It is a process-wide setting for the rest of the process, and it cannot be scoped to nnsae's loops: fixing either
-    threshold turns off glibc's dynamic adjustment of both, and mallopt can set the values back but never turn that
-    adjustment on again. So it is a documented setting (README, "Results and benchmarks"), on by default because the
-    harvest benchmarks depend on it, logged once at INFO when applied, and `NNSAE_KEEP_FREED_HEAP=0` (set before the
-    first Harvester) leaves the allocator alone.
+    It cannot be scoped to nnsae's loops (fixing either threshold turns off glibc's dynamic adjustment of both for
+    good), so inside someone else's process it is opt-in; nnsae's own processes (the `nnsae` CLI, `python -m
+    nnsae.training`, the demo, the benchmarks) turn it on, since the process is theirs.
     """
     global _heap_kept
-    value = os.environ.get(KEEP_FREED_HEAP_ENV, "1").strip().lower()
+    value = os.environ.get(KEEP_FREED_HEAP_ENV, "0").strip().lower()
     if value not in ("1", "0", "true", "false", "yes", "no", "on", "off", ""):
         raise ValueError(f"{KEEP_FREED_HEAP_ENV}={os.environ[KEEP_FREED_HEAP_ENV]!r} is not understood: use 1 (keep "
-                         f"freed heap memory for reuse, the default) or 0 (leave glibc's allocator settings alone).")
+                         f"freed heap memory for reuse) or 0 (leave glibc's allocator settings alone, the default).")
     if _heap_kept or value in ("0", "false", "no", "off") or platform.libc_ver()[0] != "glibc":
         return _heap_kept
     libc = ctypes.CDLL(None)
@@ -104,14 +102,14 @@ def _keep_freed_heap() -> bool:
     _heap_kept = True
     logging.getLogger(__name__).info(
         "nnsae set glibc's M_MMAP_THRESHOLD to 32 MiB and M_TRIM_THRESHOLD to 1 GiB for this process (freed heap "
-        "memory is kept for reuse); set %s=0 before the first Harvester to leave the allocator alone.",
+        "memory is kept for reuse), as %s=1 asks.",
         KEEP_FREED_HEAP_ENV)
     return True
 
 
 class Harvester:
     """Activations at several hook points from ONE forward per batch, stopped after the deepest point. Creating one
-    calls `_keep_freed_heap` (glibc keeps freed heap memory; `NNSAE_KEEP_FREED_HEAP=0` turns that off)."""
+    calls `_keep_freed_heap` (with `NNSAE_KEEP_FREED_HEAP=1`, glibc keeps freed heap memory)."""
 
     def __init__(self, model: Any, hooks: Sequence[str | HookPoint]):
         _keep_freed_heap()

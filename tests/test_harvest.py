@@ -211,8 +211,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the heap setting is glibc's")
 def test_harvest_batches_reuse_the_heap_instead_of_faulting_pages_in_again():
-    # In fresh processes, as the setting is process-wide: by default (NNSAE_KEEP_FREED_HEAP unset or 1) and with the
-    # documented opt-out (0), which leaves glibc's default trimming, where every batch here faults thousands of pages.
+    # In fresh processes, as the setting is process-wide: with it (NNSAE_KEEP_FREED_HEAP=1, what nnsae's own processes
+    # set) and without (0, the library default), which leaves glibc's trimming: every batch faults thousands of pages.
     faults = {}
     for setting in ("1", "0"):
         run = subprocess.run([sys.executable, "-c", _FAULTS_PER_BATCH], capture_output=True, text=True, check=True,
