@@ -27,6 +27,22 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
+def _interesting_features(density: list[float], prompt_acts: torch.Tensor, n: int) -> list[int]:
+    """Half the most frequent features that are not dense (< 10% of tokens), half the strongest on the prompt:
+    features a newcomer can read, never a block of dead ones."""
+    density_t = torch.tensor(density)
+    frequent = torch.where(density_t < 0.1, density_t, torch.zeros_like(density_t)).argsort(descending=True)
+    strongest = prompt_acts.max(0).values.argsort(descending=True)
+    chosen: list[int] = []
+    for ranking in (strongest[: n - n // 2], frequent):
+        for feature in ranking.tolist():
+            if len(chosen) >= n:
+                break
+            if feature not in chosen and density[feature] > 0:
+                chosen.append(feature)
+    return sorted(chosen)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="demo-output")
@@ -89,9 +105,11 @@ def main(argv: list[str] | None = None) -> None:
 
     summary = {"sae": str(out / "runs" / "layer6-topk"), "eval": str(out / "eval.json"), "feature_ablated": feature,
                "metrics": {k: m[k] for k in ("sparsity", "reconstruction_quality", "model_performance_preservation")}}
-    t = _step(f"Feature dashboard for {args.features} features (one extraction pass, then static pages)")
+    chosen = _interesting_features(record["feature_metrics"]["feature_density"], feats[0], args.features)
+    t = _step(f"Feature dashboard for {len(chosen)} live features: the most frequent (below 10% density) and the "
+              "strongest on the prompt (one extraction pass, then static pages)")
     site = nnsae.dashboard(model, sae, dataset="offline", tokenizer=tokenizer, out=out / "dashboard",
-                           features=range(args.features), n_tokens=args.dashboard_tokens)
+                           features=chosen, n_tokens=args.dashboard_tokens)
     summary["dashboard"] = str(site)
     print(f"   open {site} ({time.perf_counter() - t:.0f} s)")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
