@@ -518,6 +518,7 @@ def extract(model: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE], dataset: 
 
     out = Path(out)
     created = not out.exists()
+    claim(out, MANIFEST, "an extraction", overwrite)  # before the lock file is made in someone else's directory
     try:
         with locked(out, "an nnsae extraction"):
             try:
@@ -548,7 +549,7 @@ def _open_manifest(out: Path, header: dict[str, Any], overwrite: bool) -> dict[s
     except IdentityMismatch:
         if not overwrite:
             raise
-        for name, record in existing.manifest["stats"].items():  # the rest is deleted by _clean
+        for record in existing.manifest["stats"].values():  # shards and states are then deleted by _clean
             for key in ("file", "summary"):
                 existing.path(record[key]).unlink(missing_ok=True)
         (out / MANIFEST).unlink()

@@ -440,6 +440,7 @@ def test_refuses_different_settings_models_and_missing_data(setup, tmp_path):
     (tmp_path / "e" / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         run(setup, tmp_path / "e")
+    assert os.listdir(tmp_path / "e") == ["notes.txt"]  # nothing written into a directory that is not ours
 
 
 def test_other_architectures_hook_z_and_no_contexts(tmp_path):

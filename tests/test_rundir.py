@@ -71,7 +71,8 @@ _HOLDER = textwrap.dedent("""
 
 
 def _holder(directory: Path, mode: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    root = str(Path(__file__).parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(directory), mode], stdout=subprocess.PIPE, text=True,
                             env=env)
     assert proc.stdout.readline().strip() == "locked"

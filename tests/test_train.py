@@ -550,6 +550,7 @@ def test_out_dir_with_a_different_run_is_refused_before_compute(tmp_path):
     (other_dir / "notes.txt").write_text("not a run")
     with pytest.raises(ValueError, match="not empty"):
         train(None, cfg, ExplodingStore(batch_size_tokens=64), other_dir)
+    assert os.listdir(other_dir) == ["notes.txt"]  # nothing written into a directory that is not ours
 
 
 class IdentifiedStore(FakeStore):
@@ -605,7 +606,8 @@ def test_a_second_trainer_on_the_same_out_is_refused(tmp_path):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     saes = train(None, cfg, IdentifiedStore("a" * 64, batch_size_tokens=64), tmp_path, resume=True, progress=False)
-    assert json.loads((tmp_path / "run.json").read_text())["complete"] and set(saes) == {"blocks.0.hook_resid_post-topk-48-k3"}
+    assert json.loads((tmp_path / "run.json").read_text())["complete"]
+    assert set(saes) == {"blocks.0.hook_resid_post-topk-48-k3"}
 
 
 class PoisonedStore(FakeStore):

@@ -35,8 +35,8 @@ import torch
 from nnsae.config import SAEMetadata
 from nnsae.harvest import release_free_memory
 from nnsae.io.files import read_json, read_safetensors
-from nnsae.rundir import (RunLocked, atomic_write, check_identity, child_path, claim, identity_diff, locked,
-                          write_json, write_safetensors, write_text)
+from nnsae.rundir import (IdentityMismatch, atomic_write, check_identity, child_path, claim, locked, write_json,
+                          write_safetensors, write_text)
 from nnsae.architectures import SAE
 from nnsae.training import checkpoint as ckpt
 from nnsae.training.architectures import make_training_sae
@@ -135,7 +135,8 @@ class Trainer:
             if not hasattr(store, "shard"):
                 raise TypeError("Data-parallel training needs a store with shard(rank, world_size).")
             store = store.shard(self.comm.rank, self.comm.world_size) or store
-        self.store, self.model_ref, self.out, self.progress, self.overwrite = store, model, Path(out), progress, overwrite
+        self.store, self.model_ref, self.out, self.progress = store, model, Path(out), progress
+        self.overwrite = overwrite
         cfg_list = [cfgs] if isinstance(cfgs, TrainConfig) else list(cfgs)
         if not cfg_list:
             raise ValueError("train() needs at least one TrainConfig.")
@@ -190,18 +191,20 @@ class Trainer:
             return None
         existing = read_json(self.out / RUN_FILE)
         mine = self._run_record()
-        recorded = {k: existing.get(k) for k in mine}
-        if not self.overwrite:
-            check_identity(self.out, recorded, mine, "a training run", "Use another output directory (--out), "
-                           "overwrite=True to replace it, or the same configs, model and data to resume.")
-            if not resume:
+        try:
+            check_identity(self.out, {k: existing.get(k) for k in mine}, mine, "a training run", "Use another output "
+                           "directory (--out), overwrite=True to replace it, or the same configs, model and data to "
+                           "resume.")
+            if resume:
+                return existing
+            if not self.overwrite:
                 state = "a finished" if existing.get("complete") else "an interrupted"
                 raise ValueError(f"{self.out} already holds {state} run with these configs: pass resume=True to "
                                  f"{'load' if existing.get('complete') else 'continue'} it, overwrite=True to "
                                  "replace it, or use another directory.")
-            return existing
-        if resume and not identity_diff(json.loads(json.dumps(recorded)), json.loads(json.dumps(mine))):
-            return existing
+        except IdentityMismatch:
+            if not self.overwrite:
+                raise
         for name in existing.get("saes", {}):
             shutil.rmtree(child_path(self.out, name), ignore_errors=True)
         shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
@@ -232,7 +235,7 @@ class Trainer:
                     claim(self.out, RUN_FILE, "a training run", self.overwrite)  # before the lock file is made
                     lock.enter_context(locked(self.out, "an nnsae training run"))
                     outcome = (True, self._check_out_dir(resume))
-                except (RunLocked, ValueError) as e:
+                except Exception as e:  # raised on every rank below, so none waits for the others
                     outcome = (False, e)
             if self.comm is not None:  # every rank follows rank 0's look at `out`, before rank 0 writes to it
                 outcome = self.comm.scatter_objects([outcome] * self.world_size if self.is_main else None)
