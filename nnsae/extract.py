@@ -12,13 +12,18 @@ stopped after the deepest). Layout of `out`:
     shards/shard-000000.parquet         one row per token (see `extract`)
     stats/state/{sae}.{k:06d}.safetensors  streaming statistics after k shards (only the latest is kept)
     stats/{sae}.safetensors, .json      final statistics (written when the run completes)
+    .lock                               held while a run writes (`nnsae.rundir.locked`): a second one is refused
+
+`Extraction(out)` reads this format back (manifest, SAE names, shards, statistics); `load_features` and
+`load_feature_stats` use it, and so do the dashboards.
 
 Exactness under interruption: a shard is a fixed number of whole chunks of the packed token stream, processed in
 fixed batches, so a shard's content does not depend on when the run started. A shard is committed by (1) writing
 the parquet file (temp file, fsync, os.replace), (2) writing every SAE's statistics state after that shard the same
 way, under a new versioned name, then (3) atomically replacing manifest.json to list the shard and point at the new
 state. A run killed at any moment leaves either the old or the new manifest, and the files each refers to are
-complete; a restart with the same call deletes what no manifest refers to, restores the statistics, and continues
+complete; a restart with the same call checks the committed shards' sha256, deletes the files of its own naming
+that no manifest refers to (nothing else), restores the statistics, and continues
 with the first chunk after the last committed shard (`pack(..., skip_chunks=)`), so every token ends up exactly once
 and the output is byte-identical to an uninterrupted run.
 """

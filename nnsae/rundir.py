@@ -105,16 +105,16 @@ class RunLocked(RuntimeError):
 @contextlib.contextmanager
 def locked(directory: Path, job: str) -> Iterator[None]:
     """Hold `{directory}/.lock` (created if needed; never deleted, so every contender locks the same file) for the
-    duration of `job` (e.g. "extraction"); refuse at once if another process holds it."""
+    duration of `job` (e.g. "an nnsae extraction", named to contenders); refuse at once if another process holds it."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no locking
         yield
         return
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK
     while True:
+        directory.mkdir(parents=True, exist_ok=True)  # in the loop: a winner's cleanup may have removed it
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError:  # a read-only directory or lock file: locking needs no write access

@@ -2,7 +2,7 @@
 
 `ExtractionSource(extraction_dir, sae_name)` reads what one extraction holds for one SAE:
 
-- the streaming statistics (`load_feature_stats`): firing counts over the counted tokens, mean and max activation,
+- the streaming statistics (`Extraction.stats`): firing counts over the counted tokens, mean and max activation,
   the activation histogram, and the top activating contexts (token windows of ±`context_window` tokens inside each
   context chunk, with this feature's activation on every token);
 - the parquet shards (one row per token, in token order): token ids, document coordinates, and the stored
