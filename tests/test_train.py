@@ -530,6 +530,10 @@ def test_config_errors_are_clear(tmp_path):
         TrainConfig(lr_scheduler="exponential")
     with pytest.raises(ValueError, match="same folder"):
         train(None, [TrainConfig(d_sae=64, k=4), TrainConfig(d_sae=64, k=4)], ExplodingStore(), tmp_path)
+    with pytest.raises(ValueError, match="'../x' cannot be used as a file name"):
+        train(None, TrainConfig(d_sae=64, k=4, name="../x"), ExplodingStore(), tmp_path)
+    with pytest.raises(ValueError, match="'checkpoints' is the checkpoints folder"):
+        train(None, TrainConfig(d_sae=64, k=4, name="checkpoints"), ExplodingStore(), tmp_path)
     assert not any(tmp_path.iterdir())
 
 

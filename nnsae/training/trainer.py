@@ -173,9 +173,8 @@ class Trainer:
         resolved = cfg.resolve(self.store.d_in(cfg.hook), self.global_batch)
         if resolved.name is None:
             resolved.name = resolved.default_name()
-        if resolved.name == CHECKPOINTS or resolved.name.startswith("."):
-            raise ValueError(f"name={resolved.name!r} cannot be used as a folder name.")
-        child_path(self.out, resolved.name)
+        if child_path(self.out, resolved.name).name == CHECKPOINTS:
+            raise ValueError(f"name={resolved.name!r} is the checkpoints folder: choose another name.")
         return resolved
 
     def _run_record(self) -> dict[str, Any]:
