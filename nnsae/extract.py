@@ -52,7 +52,7 @@ from nnsae.data import OFFLINE, Chunk, iter_documents, pack, special_token_ids
 from nnsae.harvest import Harvester, as_nnsight, hf_module
 from nnsae.hooks import HookPoint, resolve_hook
 from nnsae.io.files import read_json, read_safetensors
-from nnsae.rundir import (TMP_PREFIX, IdentityMismatch, atomic_write, check_identity, child_path, claim,
+from nnsae.rundir import (TMP_PREFIX, atomic_write, check_identity, child_path, claim,
                           dataset_identity, locked, model_fingerprint, sha256_file, tensors_fingerprint,
                           tokenizer_fingerprint, unique_names, write_json, write_safetensors)
 from nnsae.architectures import SAE
@@ -551,19 +551,16 @@ def _open_manifest(out: Path, header: dict[str, Any], overwrite: bool) -> dict[s
         check_identity(out, _comparable(existing.manifest), _comparable(header), "an extraction",
                        "Use a new output directory (--out), overwrite=True to replace it, or call again with the "
                        "original settings to resume.")
-    except IdentityMismatch:
+        existing.verify()
+        return existing.manifest
+    except ValueError:  # another run, or a damaged one
         if not overwrite:
             raise
-        for record in existing.manifest["stats"].values():  # shards and states are then deleted by _clean
-            for key in ("file", "summary"):
-                existing.path(record[key]).unlink(missing_ok=True)
-        (out / MANIFEST).unlink()
-        return fresh
-    existing.verify()
-    for file in existing.manifest["stats_state"]["files"].values():
-        if not existing.path(file).is_file():
-            raise ValueError(f"Statistics state {out / file} listed in {out / MANIFEST} is missing.")
-    return existing.manifest
+    for record in existing.manifest["stats"].values():  # shards and states are then deleted by _clean
+        for key in ("file", "summary"):
+            existing.path(record[key]).unlink(missing_ok=True)
+    (out / MANIFEST).unlink()
+    return fresh
 
 
 def _run(out: Path, header: dict[str, Any], named: list[tuple[str, SAE]], point_of: list[int], harvester: Harvester,
@@ -769,12 +766,17 @@ class Extraction:
         return self.manifest["saes"][self.sae_names.index(name)]
 
     def verify(self) -> None:
-        """Check that every committed shard is there with the size and sha256 the manifest records."""
+        """Check that every committed shard is there with the size and sha256 the manifest records, and every
+        statistics state it names is there."""
         for shard, path in zip(self.shards, self.shard_files):
             if not path.is_file() or path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
                 raise ValueError(f"{path} is listed in {self.dir / MANIFEST} but is missing or does not match its "
                                  "recorded size and sha256: the directory was modified outside nnsae. Use a new "
                                  "output directory, or overwrite=True to start it again.")
+        for file in self.manifest["stats_state"]["files"].values():
+            if not self.path(file).is_file():
+                raise ValueError(f"Statistics state {self.path(file)} listed in {self.dir / MANIFEST} is missing. Use "
+                                 "a new output directory, or overwrite=True to start it again.")
 
     def table(self, columns: Sequence[str] | None = None) -> pa.Table:
         """The committed shards (or `columns` of them) as one in-memory table, in token order."""

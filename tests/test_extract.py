@@ -389,6 +389,8 @@ def test_resume_keeps_user_files_and_refuses_a_corrupted_shard(setup, reference,
     with pytest.raises(ValueError, match=r"shard-000001\.parquet is listed in .* does not match its recorded size "
                                          r"and sha256.*overwrite=True"):
         run(setup, out)
+    run(setup, out, overwrite=True)  # the same run, started again
+    assert file_hashes(out) == reference[1] | {"shards/notes.txt": hashlib.sha256(b"mine").hexdigest()}
     run(setup, out, overwrite=True, context_window=5)  # a different run replaces it
     assert Extraction(out).settings["context_window"] == 5 and notes.read_text() == "mine"
 
