@@ -778,12 +778,6 @@ class Extraction:
                 raise ValueError(f"Statistics state {self.path(file)} listed in {self.dir / MANIFEST} is missing. Use "
                                  "a new output directory, or overwrite=True to start it again.")
 
-    def table(self, columns: Sequence[str] | None = None) -> pa.Table:
-        """The committed shards (or `columns` of them) as one in-memory table, in token order."""
-        if not self.shards:
-            raise ValueError(f"{self.dir} has no committed shards yet.")
-        return pa.concat_tables([pq.read_table(f, columns=columns) for f in self.shard_files])
-
     def stats(self, sae_name: str) -> dict[str, Any]:
         """See `load_feature_stats`."""
         self.sae(sae_name)
@@ -812,12 +806,12 @@ def load_features(out_dir: str | Path, *, format: str = "dataset", columns: Sequ
     straight from the shards) or a `pyarrow.Table` (format="table", read into memory). Works on unfinished runs
     too (the shards committed so far)."""
     extraction = Extraction(out_dir)
-    if format == "table":
-        return extraction.table(columns)
-    if format != "dataset":
+    if format not in ("dataset", "table"):
         raise ValueError(f"format={format!r} must be 'dataset' or 'table'.")
     if not extraction.shards:
         raise ValueError(f"{extraction.dir} has no committed shards yet.")
+    if format == "table":
+        return pa.concat_tables([pq.read_table(f, columns=columns) for f in extraction.shard_files])
     import datasets
 
     ds = datasets.load_dataset("parquet", data_files=[str(f) for f in extraction.shard_files], split="train",

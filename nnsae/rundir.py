@@ -261,18 +261,13 @@ def child_path(directory: Path, *names: str) -> Path:
     return Path(directory).joinpath(*(safe_name(n) for n in names))
 
 
-def sanitize(raw: str) -> str:
-    """A file-name-safe form of a label (a hook name, a Neuronpedia id): runs of characters outside
-    `[A-Za-z0-9._-]` become `_`; leading/trailing `.`/`_` are dropped (may return "")."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("._")
-
-
 def unique_names(raw: Sequence[str | None], fallback: str = "sae") -> list[str]:
-    """`sanitize`d names, `{fallback}_{i}` where empty, made unique by appending `_2`, `_3`, ..."""
+    """File names for labels (hook names, Neuronpedia ids): runs of characters outside `[A-Za-z0-9._-]` become `_`,
+    leading/trailing `.`/`_` are dropped, `{fallback}_{i}` where nothing is left, made unique by appending `_2`,
+    `_3`, ..."""
     names: list[str] = []
     for i, label in enumerate(raw):
-        base = sanitize(str(label)) if label else ""
-        base = base or f"{fallback}_{i}"
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", str(label or "")).strip("._") or f"{fallback}_{i}"
         name, n = base, 1
         while name in names:
             n += 1
@@ -281,19 +276,13 @@ def unique_names(raw: Sequence[str | None], fallback: str = "sae") -> list[str]:
     return names
 
 
-def foreign_entries(directory: Path) -> list[str]:
-    """The entries of `directory` other than its lock and temp files."""
-    if not directory.is_dir():
-        return []
-    return sorted(p.name for p in directory.iterdir() if p.name != LOCK and not p.name.startswith(TMP_PREFIX))
-
-
 def claim(directory: Path, record: str, what: str, overwrite: bool = False) -> bool:
     """Check that a job may write into `directory`: it does not exist or is empty, or it holds the job's `record`
     file (a previous run of the same job), or `overwrite` is set. Returns whether `record` exists."""
     if (directory / record).is_file():
         return True
-    found = foreign_entries(directory)
+    found = sorted(p.name for p in directory.iterdir() if p.name != LOCK and not p.name.startswith(TMP_PREFIX)
+                   ) if directory.is_dir() else []
     if found and not overwrite:
         raise ValueError(f"{directory} is not empty and holds no {record}: refusing to write {what} into it (found "
                          f"{found[:5]}). Use a new or empty directory, or overwrite=True to write into it anyway.")
