@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from nnsae.io.files import atomic_write, cache_dir
+from nnsae.io.files import cache_dir
+from nnsae.rundir import atomic_write
 
 OFFLINE = "offline"
 TEXT_COLUMNS = ("text", "problem", "content")

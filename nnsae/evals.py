@@ -8,7 +8,6 @@ positions passed through, as SAELens does) and with its hook zero-ablated.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from nnsae.harvest import Harvester
 from nnsae.seam import as_nnsight, unwrap_model
 from nnsae.hooks import HookPoint, resolve_hook
 from nnsae.architectures import SAE
+from nnsae.rundir import atomic_write, check_writable, unique_names, write_json
 
 
 @dataclass
@@ -152,11 +152,14 @@ def evaluate(model: Any, saes: SAE | Sequence[SAE], dataset: str | Sequence[str]
     with SAELens' groups and names (`sparsity.l0`, `reconstruction_quality.explained_variance`,
     `model_performance_preservation.ce_loss_score`, ...). `n_tokens` tokens feed the activation metrics (one
     harvest pass for all SAEs); `n_ce_tokens` tokens feed CE/KL (None skips them). The offline corpus is read
-    from its held-out "test" split unless `split` says otherwise. `out` writes JSON (and PNG plots if asked).
+    from its held-out "test" split unless `split` says otherwise. `out` writes JSON (and PNG plots if asked; see
+    `write_eval_results`); it is checked for write access before any compute.
     """
     items = [saes] if isinstance(saes, SAE) else list(saes)
     if not items:
         raise ValueError("evaluate() needs at least one SAE.")
+    if out is not None:
+        check_writable(Path(out).parent if Path(out).suffix == ".json" else Path(out))
     nn_model = as_nnsight(model)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -266,25 +269,21 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_eval_results(records: list[dict[str, Any]], out: Path, plots: bool = False) -> None:
-    """`out` ending in .json: one file holding all records; otherwise a folder with one JSON per SAE (+ PNGs)."""
+    """`out` ending in .json: one file holding all records; otherwise a folder with one `{name}.json` per SAE (+
+    PNGs), named from the `sae_id`s by `nnsae.rundir.unique_names` (two SAEs on one hook: `{hook}.json` and
+    `{hook}_2.json`). Every file is written atomically."""
     clean = [_json_safe({k: v for k, v in r.items() if k != "l0_per_token"}) for r in records]
+    names = unique_names([r["sae_id"] for r in records])
     if out.suffix == ".json":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(clean[0] if len(clean) == 1 else clean, indent=2))
+        write_json(out, clean[0] if len(clean) == 1 else clean)
         folder = out.parent
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        for i, record in enumerate(clean):
-            (out / f"{_safe_name(record['sae_id'], i)}.json").write_text(json.dumps(record, indent=2))
+        for name, record in zip(names, clean):
+            write_json(out / f"{name}.json", record)
         folder = out
     if plots:
-        for i, record in enumerate(records):
-            plot_eval(record, folder / f"{_safe_name(record['sae_id'], i)}")
-
-
-def _safe_name(sae_id: Any, index: int) -> str:
-    name = str(sae_id) if sae_id else f"sae_{index}"
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        for name, record in zip(names, records):
+            plot_eval(record, folder / name)
 
 
 def plot_eval(record: dict[str, Any], prefix: Path) -> list[Path]:
@@ -308,7 +307,7 @@ def plot_eval(record: dict[str, Any], prefix: Path) -> list[Path]:
         ax.set_title(f"{record['sae_id']}: {xlabel}")
         fig.tight_layout()
         path = prefix.parent / f"{prefix.name}_{name}.png"
-        fig.savefig(path, dpi=100)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
         paths.append(path)
     return paths

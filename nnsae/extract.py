@@ -12,37 +12,39 @@ stopped after the deepest). Layout of `out`:
     shards/shard-000000.parquet         one row per token (see `extract`)
     stats/state/{sae}.{k:06d}.safetensors  streaming statistics after k shards (only the latest is kept)
     stats/{sae}.safetensors, .json      final statistics (written when the run completes)
+    .lock                               held while a run writes (`nnsae.rundir.locked`): a second one is refused
+
+`Extraction(out)` reads this format back (manifest, SAE names, shards, statistics); `load_features` and
+`load_feature_stats` use it, and so do the dashboards.
 
 Exactness under interruption: a shard is a fixed number of whole chunks of the packed token stream, processed in
 fixed batches, so a shard's content does not depend on when the run started. A shard is committed by (1) writing
 the parquet file (temp file, fsync, os.replace), (2) writing every SAE's statistics state after that shard the same
 way, under a new versioned name, then (3) atomically replacing manifest.json to list the shard and point at the new
 state. A run killed at any moment leaves either the old or the new manifest, and the files each refers to are
-complete; a restart with the same call deletes what no manifest refers to, restores the statistics, and continues
+complete; a restart with the same call checks the committed shards' sha256, deletes the files of its own naming
+that no manifest refers to (nothing else), restores the statistics, and continues
 with the first chunk after the last committed shard (`pack(..., skip_chunks=)`), so every token ends up exactly once
 and the output is byte-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import itertools
-import json
 import math
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nnsae import native
@@ -50,11 +52,15 @@ from nnsae.data import OFFLINE, Chunk, iter_documents, pack, special_token_ids
 from nnsae.harvest import Harvester
 from nnsae.seam import as_nnsight, unwrap_model
 from nnsae.hooks import HookPoint, resolve_hook
-from nnsae.io.files import atomic_write
+from nnsae.io.files import read_json, read_safetensors
+from nnsae.rundir import (TMP_PREFIX, atomic_write, check_identity, child_path, claim,
+                          dataset_identity, locked, model_fingerprint, sha256_file, tensors_fingerprint,
+                          tokenizer_fingerprint, unique_names, write_json, write_safetensors)
 from nnsae.architectures import SAE
 from nnsae.architectures.topk import TopKSAE
 
-__all__ = ["extract", "load_features", "load_feature_stats", "histogram_edges", "sae_names", "FeatureStats"]
+__all__ = ["extract", "Extraction", "load_features", "load_feature_stats", "histogram_edges", "sae_names",
+           "FeatureStats"]
 
 FORMAT = "nnsae.features"
 FORMAT_VERSION = 1
@@ -62,20 +68,14 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 STATS = "stats"
 STATE = "stats/state"
-LOCK = ".lock"
 DEFAULT_HISTOGRAM_BINS = 60  # log-spaced over [1e-3, 1e3]: 10 bins per decade
 HISTOGRAM_RANGE = (1e-3, 1e3)
-_TMP_PREFIX = ".tmp-"
 BASE_COLUMNS = {"token_id": pa.int32(), "doc_id": pa.int64(), "position": pa.int32(), "chunk_index": pa.int64(),
                 "chunk_position": pa.int32(), "is_special": pa.bool_()}
 DENSE_LOOKUP_LIMIT = 1 << 25  # (batch tokens + padding) x d_sae up to which windows read a dense copy (128 MB)
 
 
 # ---- names, fingerprints, settings ----------------------------------------------------------------------------------
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
 
 
 def sae_names(saes: SAE | Sequence[SAE] | Mapping[str, SAE]) -> list[str]:
@@ -92,25 +92,16 @@ def _named_saes(saes: SAE | Sequence[SAE] | Mapping[str, SAE]) -> list[tuple[str
         pairs = [(str(k), v) for k, v in saes.items()]
     else:
         pairs = []
-        for i, sae in enumerate(saes):
+        for sae in saes:
             meta = getattr(getattr(sae, "cfg", None), "metadata", None)
-            raw = next((getattr(meta, key, None) for key in ("hook_name", "hf_hook_name", "neuronpedia_id")
-                        if getattr(meta, key, None)), None)
-            pairs.append((raw or f"sae_{i}", sae))
+            pairs.append((next((getattr(meta, key) for key in ("hook_name", "hf_hook_name", "neuronpedia_id")
+                                if getattr(meta, key, None)), None), sae))
     if not pairs:
         raise ValueError("extract() needs at least one SAE.")
-    named, seen = [], set()
-    for i, (raw, sae) in enumerate(pairs):
+    for raw, sae in pairs:
         if not isinstance(sae, SAE):
             raise TypeError(f"extract() takes nnsae SAEs, got {type(sae).__name__} for {raw!r}.")
-        base = _safe(raw) or f"sae_{i}"
-        name, n = base, 1
-        while name in seen:
-            n += 1
-            name = f"{base}_{n}"
-        seen.add(name)
-        named.append((name, sae))
-    return named
+    return list(zip(unique_names([raw for raw, _ in pairs]), [sae for _, sae in pairs]))
 
 
 def _check_same_model(named: list[tuple[str, SAE]]) -> None:
@@ -125,63 +116,8 @@ def _check_same_model(named: list[tuple[str, SAE]]) -> None:
                          f"models (cfg.metadata.model_name): {which}. Run extract() once per model.")
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes()
-
-
 def sae_fingerprint(sae: SAE) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(sae.state_dict().items()):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(_tensor_bytes(t))
-    return h.hexdigest()
-
-
-def _model_fingerprint(hf: nn.Module) -> str:
-    """Parameter names, shapes, dtypes and the first/last 512 values of each: cheap, and different for any other
-    checkpoint or dtype."""
-    h = hashlib.sha256()
-    for name, p in hf.named_parameters():
-        flat = p.detach().reshape(-1)
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        h.update(_tensor_bytes(flat[:512]) + _tensor_bytes(flat[-512:]))
-    return h.hexdigest()
-
-
-_PROBE = "The quick brown fox jumps over the lazy dog. 0123456789 ÄÖÜ éàç 日本語 def f(x): return x**2\n\t"
-
-
-def _tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Class, size, special ids and the ids of a probe text: cheap, and different for another tokenizer. (A resume
-    also checks that the last committed chunk re-tokenizes to the same ids.)"""
-    specials = [getattr(tokenizer, f"{n}_token_id", None) for n in ("bos", "eos", "pad", "sep", "cls", "unk")]
-    ids = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
-    return hashlib.sha256(json.dumps([type(tokenizer).__name__, len(tokenizer), specials, list(ids)]).encode()
-                          ).hexdigest()
-
-
-def _looks_like_path(dataset: str) -> bool:
-    return (dataset.startswith(("/", "./", "../", "~")) or os.sep in dataset and Path(dataset).parent.exists()
-            or dataset.endswith((".txt", ".json", ".jsonl", ".parquet")))
-
-
-def _dataset_descriptor(dataset: Any, split: str, text_column: str | None) -> dict[str, Any]:
-    if isinstance(dataset, str):
-        path = Path(dataset).expanduser()
-        if dataset != OFFLINE and not path.exists() and _looks_like_path(dataset):
-            raise FileNotFoundError(f"Dataset {dataset!r} does not exist: pass an existing .txt/.jsonl/.parquet "
-                                    "file or folder, an HF dataset name, or 'offline'.")
-        desc: dict[str, Any] = {"path": dataset, "split": split, "text_column": text_column}
-        if path.exists():
-            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-            desc["files"] = [[str(p.relative_to(path)) if path.is_dir() else p.name, p.stat().st_size] for p in files]
-        return desc
-    if isinstance(dataset, (list, tuple)):
-        h = hashlib.sha256()
-        for text in dataset:
-            h.update(hashlib.sha256(str(text).encode()).digest())
-        return {"path": None, "n_documents": len(dataset), "sha256": h.hexdigest(), "text_column": text_column}
-    return {"path": None, "type": type(dataset).__name__, "text_column": text_column}
+    return tensors_fingerprint(sae.state_dict())
 
 
 def histogram_edges(bins: int | Sequence[float] = DEFAULT_HISTOGRAM_BINS) -> torch.Tensor:
@@ -197,22 +133,6 @@ def histogram_edges(bins: int | Sequence[float] = DEFAULT_HISTOGRAM_BINS) -> tor
     if edges.numel() < 2 or not bool((edges > 0).all()) or not bool((edges[1:] > edges[:-1]).all()):
         raise ValueError("histogram_bins must be an int or at least two increasing positive edges.")
     return edges
-
-
-def _diff(old: Any, new: Any, path: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new), key=str):
-            sub = f"{path}.{key}" if path else str(key)
-            if key not in old or key not in new:
-                out.append(f"{sub} (only in the {'existing run' if key in old else 'new call'})")
-            else:
-                out += _diff(old[key], new[key], sub)
-        return out
-    if old != new:
-        show = lambda v: (v[:12] + "…" if isinstance(v, str) and len(v) == 64 else json.dumps(v))[:120]  # noqa: E731
-        return [f"{path}: existing {show(old)}, now {show(new)}"]
-    return []
 
 
 def _comparable(header: dict[str, Any]) -> dict[str, Any]:
@@ -234,96 +154,29 @@ def _cfg_sans_device(cfg: dict[str, Any]) -> dict[str, Any]:
 # ---- files --------------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    atomic_write(path, write, prefix=_TMP_PREFIX, fsync=True)  # stray temp files are recognised by the prefix
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_parquet(table: pa.Table, path: Path) -> None:
     """Write one shard (atomically). Module-level so tests can inject write errors. No dictionary encoding: on
     feature lists it made shards 30% larger and their writing 2.5× slower (8,192 tokens, 3 SAEs: 0.20 s → 0.08 s)."""
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", use_dictionary=False))
-
-
-def _write_state(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp))
-
-
-def _write_json(data: dict[str, Any], path: Path) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-
-    _atomic_write(path, write)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _read_manifest(out: Path) -> dict[str, Any] | None:
-    path = out / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}).") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an nnsae feature-extraction manifest.")
-    return manifest
-
-
-@contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """An exclusive advisory lock on `out` (released by the OS when the process dies, even by SIGKILL)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking
-        yield
-        return
-    with open(out / LOCK, "a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"Another process is extracting into {out} (it holds {out / LOCK}).") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", use_dictionary=False))
 
 
 def _state_path(out: Path, name: str, version: int) -> Path:
     return out / STATE / f"{name}.{version:06d}.safetensors"
 
 
+_OWN_FILES = {SHARDS: re.compile(r"shard-\d{6}\.parquet"), STATE: re.compile(r".+\.\d{6}\.safetensors")}
+
+
 def _clean(out: Path, manifest: dict[str, Any]) -> None:
     """Delete what no committed manifest refers to: temp files, shards and statistics states of an interrupted
-    commit."""
-    keep_shards = {s["file"] for s in manifest["shards"]}
-    keep_states = set(manifest["stats_state"]["files"].values())
-    for folder in (out, out / SHARDS, out / STATS, out / STATE):
-        if not folder.is_dir():
+    commit. Only files named as extract() names them are touched; anything else a user put there stays."""
+    keep = {s["file"] for s in manifest["shards"]} | set(manifest["stats_state"]["files"].values())
+    for folder in (".", SHARDS, STATS, STATE):
+        if not (out / folder).is_dir():
             continue
-        for p in folder.iterdir():
-            rel = p.relative_to(out).as_posix()
-            stray = p.name.startswith(_TMP_PREFIX)
-            stray |= folder == out / SHARDS and rel not in keep_shards
-            stray |= folder == out / STATE and rel not in keep_states
-            if stray and p.is_file():
+        for p in (out / folder).iterdir():
+            ours = folder in _OWN_FILES and _OWN_FILES[folder].fullmatch(p.name)
+            if p.is_file() and (p.name.startswith(TMP_PREFIX) or ours and f"{folder}/{p.name}" not in keep):
                 p.unlink()
 
 
@@ -576,7 +429,7 @@ def extract(model: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE], dataset: 
             shard_tokens: int = 65536, n_top_contexts: int = 20, context_window: int = 16,
             histogram_bins: int | Sequence[float] = DEFAULT_HISTOGRAM_BINS, split: str = "train",
             text_column: str | None = None, prepend_bos: bool | None = None, exclude_special_tokens: bool = False,
-            progress: bool = True) -> Path:
+            progress: bool = True, overwrite: bool = False) -> Path:
     """SAE features of every token of `dataset`, for all `saes` from one model pass per batch, into `out`.
 
     `model`: an HF causal LM, an nnsight wrapper, or a `(model, tokenizer)` pair (as `load_smollm2()` returns).
@@ -597,7 +450,8 @@ def extract(model: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE], dataset: 
     `exclude_special_tokens`), with `n_top_contexts` top contexts of ±`context_window` tokens and a histogram over
     `histogram_edges(histogram_bins)`, land in `stats/`. Killed at any point and called again the same way, it
     continues after the last complete shard and gives the same bytes as an uninterrupted run; called with other
-    settings on the same `out`, it refuses and names them. Returns `out`.
+    settings on the same `out`, it refuses and names them (`overwrite=True` replaces that extraction instead; it also
+    lets `out` be a non-empty directory that holds no extraction). Returns `out`.
     """
     if isinstance(model, tuple) and len(model) == 2:
         model, pair_tokenizer = model
@@ -627,7 +481,7 @@ def extract(model: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE], dataset: 
     if prepend_bos is None:
         saved = {sae.cfg.metadata.prepend_bos for _, sae in named} - {None}
         prepend_bos = bool(saved.pop()) if len(saved) == 1 else True
-    dataset_desc = _dataset_descriptor(dataset, split, text_column)
+    dataset_desc = dataset_identity(dataset, split, text_column)
     edges = histogram_edges(histogram_bins)
 
     points = [resolve_hook(nn_model, sae).read for _, sae in named]
@@ -657,9 +511,9 @@ def extract(model: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE], dataset: 
         "format": FORMAT, "format_version": FORMAT_VERSION, "nnsae_version": __version__,
         "model": {"name": getattr(config, "_name_or_path", None) or type(hf).__name__,
                   "class": type(hf).__name__, "dtype": str(next(hf.parameters()).dtype).removeprefix("torch."),
-                  "fingerprint": _model_fingerprint(hf)},
+                  "fingerprint": model_fingerprint(hf)},
         "tokenizer": {"class": type(tokenizer).__name__, "special_token_ids": specials,
-                      "fingerprint": _tokenizer_fingerprint(tokenizer)},
+                      "fingerprint": tokenizer_fingerprint(tokenizer)},
         "dataset": dataset_desc,
         "settings": settings,
         "columns": list(BASE_COLUMNS) + [f"{name}.{part}" for name, _ in named for part in ("indices", "values")],
@@ -670,60 +524,59 @@ def extract(model: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE], dataset: 
 
     out = Path(out)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out, MANIFEST, "an extraction", overwrite)  # before the lock file is made in someone else's directory
     try:
-        with _locked(out):
-            return _run(out, header, named, point_of, harvester, tokenizer, dataset, split, text_column, specials,
-                        edges, max_chunks, progress, hf)
-    except BaseException as e:
-        if created and not (out / MANIFEST).exists():  # failed before anything was written: leave no trace
-            shutil.rmtree(out, ignore_errors=True)
-        if isinstance(e, _EmptyDataset):
-            raise ValueError(str(e)) from None
-        raise
+        with locked(out, "an nnsae extraction"):
+            try:
+                return _run(out, header, named, point_of, harvester, tokenizer, dataset, split, text_column,
+                            specials, edges, max_chunks, progress, hf, overwrite)
+            except BaseException:  # cleaned up under the lock: a concurrent loser never deletes the winner's files
+                if created and not (out / MANIFEST).exists():  # failed before anything was written: leave no trace
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
+    except _EmptyDataset as e:
+        raise ValueError(str(e)) from None
 
 
 class _EmptyDataset(Exception):
     pass
 
 
-def _open_manifest(out: Path, header: dict[str, Any]) -> dict[str, Any]:
-    manifest = _read_manifest(out)
-    if manifest is None:
-        foreign = [p.name for p in out.iterdir() if p.name != LOCK and not p.name.startswith(_TMP_PREFIX)]
-        if foreign:
-            raise ValueError(f"{out} is not empty and holds no {MANIFEST}: refusing to write an extraction into it "
-                             f"(found {sorted(foreign)[:5]}). Use a new or empty directory.")
-        return header | {"complete": False, "total_tokens": 0, "total_chunks": 0, "shards": [],
-                         "stats_state": {"shards_done": 0, "files": {}}, "stats": {}}
-    differences = _diff(_comparable(manifest), _comparable(header))
-    if differences:
-        raise ValueError(f"{out} already holds an extraction with different settings: " + "; ".join(differences)
-                         + ". Use a new output directory, or call again with the original settings to resume.")
-    for shard in manifest["shards"]:
-        path = out / shard["file"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"]:
-            raise ValueError(f"{path} is listed in {out / MANIFEST} but is missing or has the wrong size: the "
-                             "directory was modified outside nnsae and cannot be resumed.")
-    for file in manifest["stats_state"]["files"].values():
-        if not (out / file).is_file():
-            raise ValueError(f"Statistics state {out / file} listed in {out / MANIFEST} is missing.")
-    return manifest
+def _open_manifest(out: Path, header: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    fresh = header | {"complete": False, "total_tokens": 0, "total_chunks": 0, "shards": [],
+                      "stats_state": {"shards_done": 0, "files": {}}, "stats": {}}
+    if not claim(out, MANIFEST, "an extraction", overwrite):
+        return fresh
+    existing = Extraction(out)
+    try:
+        check_identity(out, _comparable(existing.manifest), _comparable(header), "an extraction",
+                       "Use a new output directory (--out), overwrite=True to replace it, or call again with the "
+                       "original settings to resume.")
+        existing.verify()
+        return existing.manifest
+    except ValueError:  # another run, or a damaged one
+        if not overwrite:
+            raise
+    for record in existing.manifest["stats"].values():  # shards and states are then deleted by _clean
+        for key in ("file", "summary"):
+            existing.path(record[key]).unlink(missing_ok=True)
+    (out / MANIFEST).unlink()
+    return fresh
 
 
 def _run(out: Path, header: dict[str, Any], named: list[tuple[str, SAE]], point_of: list[int], harvester: Harvester,
          tokenizer: Any, dataset: Any, split: str, text_column: str | None, specials: list[int], edges: torch.Tensor,
-         max_chunks: int | None, progress: bool, hf: nn.Module) -> Path:
+         max_chunks: int | None, progress: bool, hf: nn.Module, overwrite: bool) -> Path:
     settings = header["settings"]
     T, B = settings["context_size"], settings["batch_size_prompts"]
-    manifest = _open_manifest(out, header)
+    manifest = _open_manifest(out, header, overwrite)
     _clean(out, manifest)
     stats = [FeatureStats(sae.cfg.d_sae, edges, settings["n_top_contexts"], settings["context_window"],
                           settings["threshold"]) for _, sae in named]
     for (name, _), stat in zip(named, stats):
         file = manifest["stats_state"]["files"].get(name)
         if file is not None:
-            stat.load_state_dict(load_file(out / file))
+            stat.load_state_dict(read_safetensors(out / file))
     if manifest["complete"]:
         _finalize(out, manifest, named, stats, edges, T)
         return out
@@ -743,7 +596,7 @@ def _run(out: Path, header: dict[str, Any], named: list[tuple[str, SAE]], point_
                                 f"tokens: it is empty or shorter than one chunk of context_size={T} tokens.")
         chunks = itertools.chain([first], chunks)
     if not manifest["shards"]:
-        _write_json(manifest, out / MANIFEST)
+        write_json(out / MANIFEST, manifest)
 
     special_ids = torch.tensor(specials, dtype=torch.int64)
     hook_z_heads = [_n_heads(hf) if sae.cfg.reshape_activations == "hook_z" and sae.reshapes_input else None
@@ -829,18 +682,16 @@ def _commit(out: Path, manifest: dict[str, Any], table: pa.Table, first_chunk: i
         new_states = {}
         for (name, _), stat in zip(named, stats):
             path = _state_path(out, name, version)
-            _write_state(stat.state_dict(), path)
+            write_safetensors(path, stat.state_dict())
             new_states[name] = path.relative_to(out).as_posix()
-        _fsync_dir(out / SHARDS)
-        _fsync_dir(out / STATE)
         shard = {"file": rel, "index": index, "first_chunk": first_chunk, "n_chunks": n_chunks,
-                 "n_tokens": n_chunks * T, "bytes": (out / rel).stat().st_size, "sha256": _sha256(out / rel),
+                 "n_tokens": n_chunks * T, "bytes": (out / rel).stat().st_size, "sha256": sha256_file(out / rel),
                  "last_chunk_sha256": last_digest}
         updated = dict(manifest, shards=manifest["shards"] + [shard],
                        total_chunks=manifest["total_chunks"] + n_chunks,
                        total_tokens=manifest["total_tokens"] + n_chunks * T,
                        stats_state={"shards_done": version, "files": new_states})
-        _write_json(updated, out / MANIFEST)
+        write_json(out / MANIFEST, updated)
     except (OSError, SafetensorError) as e:
         code = getattr(e, "errno", None) or errno.EIO
         reason = os.strerror(code)
@@ -861,7 +712,7 @@ def _finalize(out: Path, manifest: dict[str, Any], named: list[tuple[str, SAE]],
     for (name, sae), stat in zip(named, stats):
         tensors = _derived(stat.state_dict(), edges, T)
         path = out / STATS / f"{name}.safetensors"
-        _write_state(tensors, path)
+        write_safetensors(path, tensors)
         count = tensors["firing_count"]
         summary = {
             "sae": name, "d_sae": sae.cfg.d_sae, "n_tokens": int(tensors["n_tokens"]),
@@ -872,22 +723,81 @@ def _finalize(out: Path, manifest: dict[str, Any], named: list[tuple[str, SAE]],
             "histogram_columns": "[0]: 0 < value < edges[0]; [i]: edges[i-1] <= value < edges[i]; [-1]: >= edges[-1]",
             "context_size": T, "tensors": sorted(tensors),
         }
-        _write_json(summary, out / STATS / f"{name}.json")
+        write_json(out / STATS / f"{name}.json", summary)
         records[name] = {"file": f"{STATS}/{name}.safetensors", "summary": f"{STATS}/{name}.json",
-                         "sha256": _sha256(path)}
+                         "sha256": sha256_file(path)}
     if not manifest["complete"] or manifest.get("stats") != records:
-        _write_json(dict(manifest, complete=True, stats=records), out / MANIFEST)
+        write_json(out / MANIFEST, dict(manifest, complete=True, stats=records))
 
 
 # ---- reading results back -----------------------------------------------------------------------------------------
 
 
-def _manifest_or_error(out_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    out = Path(out_dir)
-    manifest = _read_manifest(out)
-    if manifest is None:
-        raise FileNotFoundError(f"{out} holds no {MANIFEST}: not an nnsae feature extraction.")
-    return out, manifest
+class Extraction:
+    """An `extract()` output directory, read back: the one reader of its format (`load_features`,
+    `load_feature_stats` and the dashboards use it). Every path it derives from the manifest stays inside the
+    directory (`child_path`), so a hostile manifest cannot make a reader open or a dashboard write elsewhere."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        path = self.dir / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.dir} holds no {MANIFEST}: not an nnsae feature extraction (make one with "
+                                    "nnsae.extract).")
+        self.manifest: dict[str, Any] = read_json(path)
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an nnsae feature-extraction manifest.")
+        self.sae_names: list[str] = [child_path(self.dir, s["name"]).name for s in self.manifest["saes"]]
+        self.settings: dict[str, Any] = self.manifest["settings"]
+        self.complete = bool(self.manifest["complete"])
+        self.shards: list[dict[str, Any]] = self.manifest["shards"]
+
+    def path(self, relative: str) -> Path:
+        """A file the manifest names (`shards/shard-000000.parquet`), checked to stay inside the directory."""
+        return child_path(self.dir, *relative.split("/"))
+
+    @property
+    def shard_files(self) -> list[Path]:
+        return [self.path(s["file"]) for s in self.shards]
+
+    def sae(self, name: str) -> dict[str, Any]:
+        """The manifest's entry of one SAE (name, hook, architecture, d_in, d_sae, fingerprint, cfg)."""
+        if name not in self.sae_names:
+            raise KeyError(f"No SAE {name!r} in {self.dir}; it has {self.sae_names}.")
+        return self.manifest["saes"][self.sae_names.index(name)]
+
+    def verify(self) -> None:
+        """Check that every committed shard is there with the size and sha256 the manifest records, and every
+        statistics state it names is there."""
+        for shard, path in zip(self.shards, self.shard_files):
+            if not path.is_file() or path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
+                raise ValueError(f"{path} is listed in {self.dir / MANIFEST} but is missing or does not match its "
+                                 "recorded size and sha256: the directory was modified outside nnsae. Use a new "
+                                 "output directory, or overwrite=True to start it again.")
+        for file in self.manifest["stats_state"]["files"].values():
+            if not self.path(file).is_file():
+                raise ValueError(f"Statistics state {self.path(file)} listed in {self.dir / MANIFEST} is missing. Use "
+                                 "a new output directory, or overwrite=True to start it again.")
+
+    def stats(self, sae_name: str) -> dict[str, Any]:
+        """See `load_feature_stats`."""
+        self.sae(sae_name)
+        edges = torch.tensor(self.settings["histogram_edges"], dtype=torch.float64)
+        final = self.dir / STATS / f"{sae_name}.safetensors"
+        if self.complete and final.is_file():
+            tensors = read_safetensors(final)
+        else:
+            file = self.manifest["stats_state"]["files"].get(sae_name)
+            if file is None:
+                raise ValueError(f"{self.dir} has no statistics for {sae_name!r} yet (no shard committed).")
+            tensors = _derived(read_safetensors(self.path(file)), edges, self.settings["context_size"])
+        result: dict[str, Any] = dict(tensors)
+        result["n_tokens"] = int(tensors["n_tokens"])
+        result["n_tokens_counted"] = int(tensors["n_tokens_counted"])
+        result["complete"] = self.complete
+        result["context_size"] = self.settings["context_size"]
+        result["context_window"] = self.settings["context_window"]
+        return result
 
 
 def load_features(out_dir: str | Path, *, format: str = "dataset", columns: Sequence[str] | None = None,
@@ -896,19 +806,17 @@ def load_features(out_dir: str | Path, *, format: str = "dataset", columns: Sequ
     once into the datasets cache and memory-mapped from there, or with `streaming=True` an `IterableDataset` read
     straight from the shards) or a `pyarrow.Table` (format="table", read into memory). Works on unfinished runs
     too (the shards committed so far)."""
-    out, manifest = _manifest_or_error(out_dir)
-    files = [str(out / s["file"]) for s in manifest["shards"]]
-    if format == "table":
-        if not files:
-            raise ValueError(f"{out} has no committed shards yet.")
-        return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
-    if format != "dataset":
+    extraction = Extraction(out_dir)
+    if format not in ("dataset", "table"):
         raise ValueError(f"format={format!r} must be 'dataset' or 'table'.")
-    if not files:
-        raise ValueError(f"{out} has no committed shards yet.")
+    if not extraction.shards:
+        raise ValueError(f"{extraction.dir} has no committed shards yet.")
+    if format == "table":
+        return pa.concat_tables([pq.read_table(f, columns=columns) for f in extraction.shard_files])
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir, streaming=streaming)
+    ds = datasets.load_dataset("parquet", data_files=[str(f) for f in extraction.shard_files], split="train",
+                               cache_dir=cache_dir, streaming=streaming)
     return ds.select_columns(list(columns)) if columns is not None else ds
 
 
@@ -918,24 +826,4 @@ def load_feature_stats(out_dir: str | Path, sae_name: str) -> dict[str, Any]:
     bins+2] with `histogram_edges`, top contexts `top_values`/`top_index`/`top_chunk_index`/`top_position`
     [d_sae, n] (-inf/-1 for empty slots) and windows `top_tokens`/`top_acts` [d_sae, n, 2w+1]; plus `n_tokens`,
     `n_tokens_counted` (ints) and `complete`. On an unfinished run they cover the committed shards."""
-    out, manifest = _manifest_or_error(out_dir)
-    names = [s["name"] for s in manifest["saes"]]
-    if sae_name not in names:
-        raise KeyError(f"No SAE {sae_name!r} in {out}; it has {names}.")
-    settings = manifest["settings"]
-    edges = torch.tensor(settings["histogram_edges"], dtype=torch.float64)
-    final = out / STATS / f"{sae_name}.safetensors"
-    if manifest["complete"] and final.is_file():
-        tensors = load_file(final)
-    else:
-        file = manifest["stats_state"]["files"].get(sae_name)
-        if file is None:
-            raise ValueError(f"{out} has no statistics for {sae_name!r} yet (no shard committed).")
-        tensors = _derived(load_file(out / file), edges, settings["context_size"])
-    result: dict[str, Any] = dict(tensors)
-    result["n_tokens"] = int(tensors["n_tokens"])
-    result["n_tokens_counted"] = int(tensors["n_tokens_counted"])
-    result["complete"] = bool(manifest["complete"])
-    result["context_size"] = settings["context_size"]
-    result["context_window"] = settings["context_window"]
-    return result
+    return Extraction(out_dir).stats(sae_name)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import json
 import logging
 import os
 import platform
@@ -20,8 +19,10 @@ import torch
 from nnsae.config import parse_dtype
 from nnsae.data import OFFLINE, Chunk, batched, iter_documents, pack, special_token_ids
 from nnsae.hooks import HookPoint, get_module, is_tl_hook, resolve_hook
+from nnsae.io.files import read_json, read_safetensors
+from nnsae.rundir import (check_identity, dataset_identity, model_fingerprint, tokenizer_fingerprint, write_json,
+                          write_safetensors)
 from nnsae.seam import as_nnsight, unwrap_model
-from nnsae.io.files import read_json, read_safetensors, write_json, write_safetensors
 
 
 class _ProbeDone(Exception):
@@ -197,7 +198,8 @@ class ActivationStore:
         self.buffer: list[torch.Tensor] | None = None
         self.order: torch.Tensor | None = None  # live buffer rows, in serving order
         self._chunks: Iterator[Chunk] | None = None
-        self.cache = ActivationCache(Path(cache_dir), self._cache_settings()) if cache_dir is not None else None
+        self._identity: dict[str, Any] | None = None
+        self.cache = ActivationCache(Path(cache_dir), self.identity()) if cache_dir is not None else None
 
     # ---- what training needs to know --------------------------------------------------------------------------
 
@@ -249,13 +251,19 @@ class ActivationStore:
         keep = ~torch.isin(tokens, self.excluded_ids).flatten()
         return [a.flatten(0, 1)[keep.to(a.device)].to(self.device, self.dtype) for a in self.harvester(tokens)]
 
-    def _cache_settings(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "hooks": self.hooks,
+    def identity(self) -> dict[str, Any]:
+        """What determines the activations this store yields (fingerprints of the model's weights, the tokenizer and
+        the data, and the settings): the key of its disk cache, and what a resumed training run must match."""
+        if self._identity is None:
+            self._identity = {
+                "model_name": self.model_name, "model": model_fingerprint(unwrap_model(self.harvester.model)),
+                "tokenizer": tokenizer_fingerprint(self.tokenizer),
+                "dataset": dataset_identity(self.dataset, self.split, self.text_column), "hooks": self.hooks,
                 "hook_points": [f"{p.module}.{p.io}" for p in self.harvester.points],
-                "dataset": self.dataset if isinstance(self.dataset, str) else None, "split": self.split,
-                "text_column": self.text_column, "context_size": self.context_size, "prepend_bos": self.prepend_bos,
+                "context_size": self.context_size, "prepend_bos": self.prepend_bos,
                 "exclude_special_tokens": self.exclude_special_tokens, "dtype": str(self.dtype),
                 "store_batch_size_prompts": self.store_batch_size_prompts}
+        return self._identity
 
     def _next_activations(self) -> list[torch.Tensor] | None:
         """The next harvest batch: read from the disk cache when it holds it, else from the model (and cached)."""
@@ -373,18 +381,16 @@ _malloc_trim: Any = None
 class ActivationCache:
     """Harvested activations on disk, so several training runs reuse one model pass: one safetensors shard per
     harvest batch (`{rank}-{index}.safetensors`, tensors named by hook position) and a `manifest.json` with the
-    settings that produced them. Shards are written atomically and the manifest after them, so a killed harvest
-    resumes at its last complete shard; a cache made with other settings is refused."""
+    store identity that produced them (`ActivationStore.identity`). Shards are written atomically and the manifest
+    after them, so a killed harvest resumes at its last complete shard; a cache of another identity is refused."""
 
     def __init__(self, root: Path, settings: dict[str, Any]):
         self.root = root
         self.manifest_path = root / "manifest.json"
         if self.manifest_path.exists():
             self.manifest = read_json(self.manifest_path)
-            if self.manifest["settings"] != json.loads(json.dumps(settings)):
-                diff = [k for k in settings if self.manifest["settings"].get(k) != json.loads(json.dumps(settings[k]))]
-                raise ValueError(f"Activation cache {root} was made with other settings ({', '.join(diff)} differ); "
-                                 "use another cache_dir or delete it.")
+            check_identity(root, self.manifest["settings"], settings, "an activation cache",
+                           "Use another cache_dir, or delete this one.")
         else:
             self.manifest = {"format": "nnsae-activation-cache", "version": 1, "settings": settings, "shards": {},
                              "complete_ranks": []}

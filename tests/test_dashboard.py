@@ -472,6 +472,18 @@ def test_from_extraction_single_sae_layout_without_model(site, tmp_path):
                   tokenizer=site.tok, progress=False)
 
 
+def test_a_hostile_extraction_manifest_writes_nothing_outside_out(site, tmp_path):
+    """SAE names come from the extraction's manifest: a name that is a path is refused before any page is written."""
+    copy = tmp_path / "copy"
+    shutil.copytree(site.out / "extraction", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["saes"][0]["name"] = "../escaped"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="'../escaped' cannot be used as a file name"):
+        dashboard(None, None, out=tmp_path / "site" / "out", from_extraction=copy, tokenizer=site.tok, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
+
+
 def test_parse_features_and_cli_arguments():
     assert parse_features("0-3,7", 10) == [0, 1, 2, 3, 7]
     assert parse_features(range(3), 10) == [0, 1, 2] and parse_features("all", 4) == [0, 1, 2, 3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -13,6 +14,8 @@ from nnsae.data import Document, pack
 from nnsae.evals import evaluate
 from tests.test_harvest import TEXTS
 from tests.tiny_models import tiny_model, tiny_tokenizer
+
+evals = importlib.import_module("nnsae.evals")  # the module (`nnsae.evals` may name a function)
 
 CTX, BATCH = 16, 4
 
@@ -138,6 +141,30 @@ def test_several_saes_in_one_pass_match_separate_evals(setup, tmp_path):
     saved = json.loads((tmp_path / "evals" / "blocks.2.hook_resid_pre.json").read_text())
     assert saved["metrics"]["sparsity"]["l0"] == pytest.approx(both[1]["metrics"]["sparsity"]["l0"])
     assert both[1]["metrics"]["sparsity"]["l0"] <= 8
+
+
+def test_two_saes_on_one_hook_write_two_records(setup, tmp_path):
+    """The usual width comparison: both records are kept (`{hook}.json`, `{hook}_2.json`), each the SAE's own."""
+    model, tok, _ = setup
+    narrow, wide = make_sae("blocks.1.hook_resid_post", 1), make_sae("blocks.1.hook_resid_post", 2, arch="topk")
+    records = evaluate(model, [narrow, wide], TEXTS, tokenizer=tok, n_tokens=128, n_ce_tokens=None,
+                       batch_size_prompts=BATCH, progress=False, out=tmp_path / "evals")
+    assert sorted(p.name for p in (tmp_path / "evals").iterdir()) == ["blocks.1.hook_resid_post.json",
+                                                                     "blocks.1.hook_resid_post_2.json"]
+    for name, record in zip(["blocks.1.hook_resid_post", "blocks.1.hook_resid_post_2"], records):
+        saved = json.loads((tmp_path / "evals" / f"{name}.json").read_text())
+        assert saved["sae_cfg"]["architecture"] == record["sae_cfg"]["architecture"]
+        assert saved["metrics"]["sparsity"]["l0"] == pytest.approx(record["metrics"]["sparsity"]["l0"])
+    assert records[0]["sae_cfg"]["architecture"] == "standard" and records[1]["sae_cfg"]["architecture"] == "topk"
+
+
+def test_an_unwritable_out_fails_before_any_compute(setup, tmp_path, monkeypatch):
+    model, tok, _ = setup
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(evals, "Harvester", lambda *a, **k: pytest.fail("computed before checking out"))
+    with pytest.raises(PermissionError, match=r"Cannot create the output directory .*file/evals"):
+        evaluate(model, make_sae("blocks.1.hook_resid_post"), TEXTS, tokenizer=tok, out=blocker / "evals")
 
 
 def test_empty_dataset_is_a_clear_error(setup):

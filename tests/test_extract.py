@@ -20,7 +20,8 @@ import torch
 
 from nnsae import SAE, SAEConfig, native
 from nnsae.data import Document, pack
-from nnsae.extract import extract, histogram_edges, load_feature_stats, load_features, sae_names
+from nnsae.extract import Extraction, extract, histogram_edges, load_feature_stats, load_features, sae_names
+from nnsae.rundir import RunLocked
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
 ext = importlib.import_module("nnsae.extract")  # the module (`nnsae.extract` may name the function)
@@ -288,14 +289,14 @@ def _killable_run(setup, out: Path) -> int:
     if pid == 0:  # the child: never returns into pytest
         code = 1
         try:
-            write_state = ext._write_state
+            write_state = ext.write_safetensors
 
-            def stalling_write_state(tensors, path):
-                write_state(tensors, path)
+            def stalling_write_state(path, tensors):
+                write_state(path, tensors)
                 if path.name.endswith(".000003.safetensors"):
                     time.sleep(60)
 
-            ext._write_state = stalling_write_state
+            ext.write_safetensors = stalling_write_state
             run(setup, out)
             code = 0
         finally:
@@ -312,6 +313,8 @@ def test_sigkill_mid_commit_then_resume_is_byte_identical(setup, reference, tmp_
     while not marker.exists() and time.time() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
         time.sleep(0.01)
     assert marker.exists(), "the child did not reach the kill point"
+    with pytest.raises(RunLocked, match=rf"{out} is in use: an nnsae extraction \(pid {pid} on .*\) holds"):
+        run(setup, out)  # a second extraction into the same directory, while the first one runs
     os.kill(pid, signal.SIGKILL)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == -signal.SIGKILL
     manifest = json.loads((out / "manifest.json").read_text())
@@ -347,7 +350,7 @@ def test_torch_statistics_give_the_same_bytes(setup, reference, tmp_path, monkey
     assert file_hashes(run(setup, tmp_path / "torch-stats")) == reference[1]
 
 
-@pytest.mark.parametrize("writer", ["_write_parquet", "_write_state", "_write_json"])
+@pytest.mark.parametrize("writer", ["_write_parquet", "write_safetensors", "write_json"])
 def test_write_error_leaves_a_valid_resumable_directory(setup, reference, tmp_path, monkeypatch, writer):
     _, ref_hashes = reference
     real = getattr(ext, writer)
@@ -372,11 +375,45 @@ def test_write_error_leaves_a_valid_resumable_directory(setup, reference, tmp_pa
     assert file_hashes(out) == ref_hashes
 
 
+def test_resume_keeps_user_files_and_refuses_a_corrupted_shard(setup, reference, tmp_path):
+    out = run(setup, tmp_path / "feats")
+    notes = out / "shards" / "notes.txt"
+    notes.write_text("mine")
+    run(setup, out)  # called again: strays of extract() are cleaned, nothing else
+    assert notes.read_text() == "mine" and file_hashes(out) == reference[1] | {"shards/notes.txt": hashlib.sha256(
+        b"mine").hexdigest()}
+    shard = out / "shards" / "shard-000001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"shard-000001\.parquet is listed in .* does not match its recorded size "
+                                         r"and sha256.*overwrite=True"):
+        run(setup, out)
+    run(setup, out, overwrite=True)  # the same run, started again
+    assert file_hashes(out) == reference[1] | {"shards/notes.txt": hashlib.sha256(b"mine").hexdigest()}
+    run(setup, out, overwrite=True, context_window=5)  # a different run replaces it
+    assert Extraction(out).settings["context_window"] == 5 and notes.read_text() == "mine"
+
+
+def test_reader_refuses_a_hostile_manifest(setup, reference, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(reference[0], out)
+    extraction = Extraction(out)
+    assert extraction.sae_names == sae_names(setup[2]) and extraction.complete
+    assert extraction.shard_files == sorted((out / "shards").glob("shard-*.parquet"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    for field, value, error in [("saes", [dict(manifest["saes"][0], name="../escaped")], "'../escaped' cannot be"),
+                                ("shards", [dict(manifest["shards"][0], file="../../etc/passwd")], "'..' cannot be")]:
+        (out / "manifest.json").write_text(json.dumps(dict(manifest, **{field: value})))
+        with pytest.raises(ValueError, match=error):
+            load_features(out, format="table")
+
+
 def test_refuses_different_settings_models_and_missing_data(setup, tmp_path):
     model, tok, saes = setup
     out = run(setup, tmp_path / "a", n_tokens=4 * CTX)
-    with pytest.raises(ValueError, match=r"different settings: .*settings\.context_window: existing 4, now 5.*"
-                                         r"settings\.top_k: existing 5, now 6"):
+    with pytest.raises(ValueError, match=r"different settings:\n  settings\.context_window: 4 → 5\n"
+                                         r"  settings\.top_k: 5 → 6\n.*overwrite=True"):
         run(setup, out, n_tokens=4 * CTX, top_k=6, context_window=5)
     other = make_saes()
     with torch.no_grad():
@@ -405,6 +442,7 @@ def test_refuses_different_settings_models_and_missing_data(setup, tmp_path):
     (tmp_path / "e" / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         run(setup, tmp_path / "e")
+    assert os.listdir(tmp_path / "e") == ["notes.txt"]  # nothing written into a directory that is not ours
 
 
 def test_other_architectures_hook_z_and_no_contexts(tmp_path):

@@ -310,8 +310,18 @@ def test_activation_cache_is_reused_resumed_and_checked(tok, tmp_path):
     store.harvester._trace = lambda tokens: (_ for _ in ()).throw(AssertionError("model was run"))
     again = [b["transformer.h.0"] for b in store]
     assert all(torch.equal(a, b) for a, b in zip(again, reference))
-    with pytest.raises(ValueError, match="other settings.*context_size"):
+    with pytest.raises(ValueError, match=r"cache holds an activation cache with different settings:\n"
+                                         r"  context_size: 16 → 8\nUse another cache_dir"):
         make_store(tok, model, cache_dir=tmp_path / "cache", context_size=8)
+    # Another checkpoint under the same name, or other texts: refused, not served the first run's activations.
+    other = tiny_model("gpt2")
+    with torch.no_grad():
+        other.transformer.h[1].mlp.c_fc.bias[-1] += 1.0
+    with pytest.raises(ValueError, match=r"\n  model: [0-9a-f]{12}… → [0-9a-f]{12}…\n"):
+        make_store(tok, other, cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"\n  dataset\.n_documents: \d+ → \d+\n  dataset\.sha256: "):
+        ActivationStore(model, ["blocks.1.hook_resid_post", "transformer.h.0"], TEXTS[1:], tokenizer=tok,
+                        context_size=16, store_batch_size_prompts=3, cache_dir=tmp_path / "cache")
 
 
 def test_store_mixing_is_saelens_cat_then_shuffle_then_serve_half(tok):

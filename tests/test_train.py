@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import signal
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from nnsae import SAE
+from nnsae.rundir import RunLocked
 from nnsae.training import TrainConfig, TrainingDiverged, make_training_sae, train
 from nnsae.training import sparse
 from nnsae.training.base import StepContext
@@ -526,6 +530,10 @@ def test_config_errors_are_clear(tmp_path):
         TrainConfig(lr_scheduler="exponential")
     with pytest.raises(ValueError, match="same folder"):
         train(None, [TrainConfig(d_sae=64, k=4), TrainConfig(d_sae=64, k=4)], ExplodingStore(), tmp_path)
+    with pytest.raises(ValueError, match="'../x' cannot be used as a file name"):
+        train(None, TrainConfig(d_sae=64, k=4, name="../x"), ExplodingStore(), tmp_path)
+    with pytest.raises(ValueError, match="'checkpoints' is the checkpoints folder"):
+        train(None, TrainConfig(d_sae=64, k=4, name="checkpoints"), ExplodingStore(), tmp_path)
     assert not any(tmp_path.iterdir())
 
 
@@ -533,7 +541,9 @@ def test_out_dir_with_a_different_run_is_refused_before_compute(tmp_path):
     cfg = TrainConfig(architecture="topk", d_sae=48, k=3, training_tokens=64 * 4)
     train(None, cfg, FakeStore(batch_size_tokens=64), tmp_path, progress=False)
     other = TrainConfig(architecture="topk", d_sae=48, k=3, training_tokens=64 * 4, lr=1e-3)
-    with pytest.raises(ValueError, match=r"different training run:\n.*lr: .* → 0.001"):
+    with pytest.raises(ValueError, match=r"holds a training run with different settings:\n"
+                                         r"  saes\.blocks\.0\.hook_resid_post-topk-48-k3\.lr: 0\.0048.* → 0\.001\n"
+                                         r".*\nUse another output directory \(--out\), overwrite=True"):
         train(None, other, ExplodingStore(batch_size_tokens=64), tmp_path)
     with pytest.raises(ValueError, match="finished run.*resume=True"):
         train(None, cfg, ExplodingStore(batch_size_tokens=64), tmp_path)
@@ -544,6 +554,64 @@ def test_out_dir_with_a_different_run_is_refused_before_compute(tmp_path):
     (other_dir / "notes.txt").write_text("not a run")
     with pytest.raises(ValueError, match="not empty"):
         train(None, cfg, ExplodingStore(batch_size_tokens=64), other_dir)
+    assert os.listdir(other_dir) == ["notes.txt"]  # nothing written into a directory that is not ours
+
+
+class IdentifiedStore(FakeStore):
+    """A store that names the model and data it reads (as `ActivationStore.identity()` does)."""
+
+    def __init__(self, model_fingerprint: str, delay: float = 0.0, **kw):
+        super().__init__(**kw)
+        self.model_fingerprint, self.delay = model_fingerprint, delay
+
+    def identity(self) -> dict:
+        return {"model": self.model_fingerprint, "dataset": "synthetic"}
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            time.sleep(self.delay)
+            yield batch
+
+
+def test_resume_refuses_another_model_and_overwrite_replaces_the_run(tmp_path):
+    cfg = TrainConfig(architecture="topk", d_sae=48, k=3, training_tokens=64 * 4)
+    train(None, cfg, IdentifiedStore("a" * 64, batch_size_tokens=64), tmp_path, progress=False)
+    assert json.loads((tmp_path / "run.json").read_text())["store"] == {"model": "a" * 64, "dataset": "synthetic"}
+    with pytest.raises(ValueError, match=r"\n  store\.model: aaaaaaaaaaaa… → bbbbbbbbbbbb…\n"):
+        train(None, cfg, IdentifiedStore("b" * 64, batch_size_tokens=64), tmp_path, resume=True)
+    (tmp_path / "notes.txt").write_text("mine")
+    other = TrainConfig(architecture="topk", d_sae=32, k=3, training_tokens=64 * 4)
+    saes = train(None, other, IdentifiedStore("b" * 64, batch_size_tokens=64), tmp_path, progress=False,
+                 overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "blocks.0.hook_resid_post-topk-32-k3", "notes.txt",
+                                                          "run.json"]
+    assert set(saes) == {"blocks.0.hook_resid_post-topk-32-k3"}
+
+
+def test_a_second_trainer_on_the_same_out_is_refused(tmp_path):
+    """A forked trainer holds the lock; a second one is refused with one line naming the directory and the holder;
+    once the first is killed, its lock file does not block resuming."""
+    cfg = TrainConfig(architecture="topk", d_sae=48, k=3, training_tokens=64 * 4)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            train(None, cfg, IdentifiedStore("a" * 64, delay=60, batch_size_tokens=64), tmp_path, progress=False)
+        finally:
+            os._exit(1)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "run.json").exists() and time.time() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(RunLocked, match=rf"^{tmp_path} is in use: an nnsae training run \(pid {pid} on [^)]*\) "
+                                            rf"holds {tmp_path}/\.lock\. Wait for it to finish or use another output "
+                                            r"directory\.$"):
+            train(None, cfg, ExplodingStore(batch_size_tokens=64), tmp_path, resume=True)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    saes = train(None, cfg, IdentifiedStore("a" * 64, batch_size_tokens=64), tmp_path, resume=True, progress=False)
+    assert json.loads((tmp_path / "run.json").read_text())["complete"]
+    assert set(saes) == {"blocks.0.hook_resid_post-topk-48-k3"}
 
 
 class PoisonedStore(FakeStore):

@@ -2,7 +2,7 @@
 
 `ExtractionSource(extraction_dir, sae_name)` reads what one extraction holds for one SAE:
 
-- the streaming statistics (`load_feature_stats`): firing counts over the counted tokens, mean and max activation,
+- the streaming statistics (`Extraction.stats`): firing counts over the counted tokens, mean and max activation,
   the activation histogram, and the top activating contexts (token windows of ±`context_window` tokens inside each
   context chunk, with this feature's activation on every token);
 - the parquet shards (one row per token, in token order): token ids, document coordinates, and the stored
@@ -27,7 +27,6 @@ tokens are not counted when the extraction ran with `exclude_special_tokens=True
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -37,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from nnsae.extract import load_feature_stats
+from nnsae.extract import Extraction
 
 
 @dataclass
@@ -144,11 +143,8 @@ def parse_features(features: int | str | Iterable[int] | None, d_sae: int) -> li
 
 
 def read_manifest(extraction_dir: str | Path) -> dict:
-    path = Path(extraction_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{extraction_dir} holds no manifest.json: not an nnsae feature extraction "
-                                "(make one with nnsae.extract).")
-    return json.loads(path.read_text())
+    """The manifest of an extraction, read and checked by `nnsae.extract.Extraction` (SAE names included)."""
+    return Extraction(extraction_dir).manifest
 
 
 def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -163,25 +159,23 @@ class ExtractionSource:
     """Per-feature data of one SAE of one extraction (statistics + shards), read once and served per feature."""
 
     def __init__(self, extraction_dir: str | Path, sae_name: str):
-        self.dir = Path(extraction_dir)
-        self.manifest = read_manifest(self.dir)
-        self.name = sae_name
-        stats = load_feature_stats(self.dir, sae_name)
+        self.extraction = Extraction(extraction_dir)
+        self.dir, self.manifest, self.name = self.extraction.dir, self.extraction.manifest, sae_name
+        self.sae_entry = self.extraction.sae(sae_name)
+        stats = self.extraction.stats(sae_name)
         self.stats = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
-        settings = self.manifest["settings"]
-        self.settings = settings
+        settings = self.settings = self.extraction.settings
         self.T = int(settings["context_size"])
         self.window = int(settings["context_window"])
         self.threshold = float(settings["threshold"])
         self.exclude_special = bool(settings.get("exclude_special_tokens", False))
-        self.complete = bool(self.manifest.get("complete", False))
+        self.complete = self.extraction.complete
         self.d_sae = int(self.stats["firing_count"].shape[0])
-        self.sae_entry = next(s for s in self.manifest["saes"] if s["name"] == sae_name)
         columns = ["token_id", "is_special", "doc_id", "position"]
         parts = {c: [] for c in columns}
         self.shard_starts = []
-        for shard in self.manifest["shards"]:
-            table = pq.read_table(self.dir / shard["file"], columns=columns)
+        for shard, path in zip(self.extraction.shards, self.extraction.shard_files):
+            table = pq.read_table(path, columns=columns)
             self.shard_starts.append(int(shard["first_chunk"]) * self.T)
             for c in columns:
                 parts[c].append(table.column(c).to_numpy())
@@ -204,8 +198,8 @@ class ExtractionSource:
         wanted = np.zeros(self.d_sae, dtype=bool)
         wanted[np.asarray(list(features), dtype=np.int64)] = True
         f_parts, r_parts, v_parts = [], [], []
-        for shard, start in zip(self.manifest["shards"], self.shard_starts):
-            table = pq.read_table(self.dir / shard["file"], columns=[f"{self.name}.indices", f"{self.name}.values"])
+        for path, start in zip(self.extraction.shard_files, self.shard_starts):
+            table = pq.read_table(path, columns=[f"{self.name}.indices", f"{self.name}.values"])
             lengths, feats = _list_column(table, f"{self.name}.indices")
             _, vals = _list_column(table, f"{self.name}.values")
             rows = np.repeat(np.arange(start, start + len(lengths), dtype=np.int64), lengths)

@@ -1,16 +1,18 @@
-"""Small, safe file helpers shared by the formats: clear errors naming the file, atomic writes, no pickle."""
+"""Reading files safely (clear errors naming the file, no pickle) and the cache folder. Writing is `nnsae.rundir`'s
+(atomic files); `atomic_write` is re-exported here for callers that still import it from this module."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from nnsae.rundir import atomic_write  # noqa: F401  (nnsae.dashboards.build imports it from here)
 
 
 def cache_dir(kind: str) -> Path:
@@ -40,43 +42,3 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e}); the file is corrupt or truncated.") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hide saved SAEs from other users
-
-
-def atomic_write(path: Path, write: Callable[[str], object], prefix: str = ".", fsync: bool = False) -> None:
-    """Write `path` through `write(tmp_path)` into a temp file beside it (named `{prefix}{name}.*.tmp`), optionally
-    fsync it, then `os.replace` it into place: readers see the old file or the new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{prefix}{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _FILE_MODE)  # after writing: some writers (safetensors) replace the file they are given
-        if fsync:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-
-    atomic_write(path, write)
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))

@@ -1,8 +1,8 @@
 """Atomic checkpoint directories, and state dicts split into JSON + safetensors (no pickle).
 
-A checkpoint is written into `{root}/.tmp-step-N-<pid>/` and renamed to `{root}/step-N/` when complete, so a run
-killed at any moment leaves either the previous checkpoint or the new one, never a half-written one. Older
-checkpoints are removed once a newer one is in place.
+A checkpoint's files are written (each fsynced) into `{root}/.tmp-step-N-<pid>/`, renamed to `{root}/step-N/` when
+complete, so a run killed at any moment leaves either the previous checkpoint or the new one, never a half-written
+one. Older checkpoints are removed once a newer one is in place.
 
 Only the optimizer state goes through `torch.save` (loaded back with `weights_only=True`); everything else is
 JSON (plain values) plus safetensors (tensors). `split_state` turns a nested state (dicts, lists, tensors, plain
@@ -11,7 +11,6 @@ values) into a JSON tree whose tensors are references into a flat tensor dict, a
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from nnsae.rundir import fsync_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -79,13 +80,6 @@ def set_rng_state(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> No
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def latest(root: Path) -> Path | None:
     """The most recent complete checkpoint under root, or None."""
     if not root.is_dir():
@@ -110,24 +104,12 @@ def commit(root: Path, tmp: Path, step: int) -> Path:
     if final.exists():  # re-checkpointing the same step (e.g. a signal right after a periodic checkpoint)
         shutil.rmtree(tmp)
         return final
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
         if (m and int(m.group(1)) < step) or p.name.startswith(".tmp-"):
             shutil.rmtree(p, ignore_errors=True)
     return final
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)

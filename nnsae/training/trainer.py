@@ -10,7 +10,9 @@ Outputs under `out`:
   training_tokens, l0, num_dead_features, training_architecture(_details); sae_weights.safetensors;
   sparsity.safetensors), `train_config.json` (the resolved TrainConfig) and `metrics.jsonl` (one line per logged
   step).
-- `{out}/run.json`: the run's configs (a directory holding a different run is refused before any compute).
+- `{out}/run.json`: the run's configs and the store's identity (fingerprints of model, tokenizer and data; a directory
+  holding a different run is refused before any compute).
+- `{out}/.lock`: held while a run is in progress; a second trainer on the same `out` is refused.
 - `{out}/checkpoints/step-N/`: the latest checkpoint (every `checkpoint_every_tokens` tokens and on
   SIGINT/SIGTERM), removed once the run is complete.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -28,10 +31,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from nnsae.config import SAEMetadata
 from nnsae.harvest import release_free_memory
+from nnsae.io.files import read_json, read_safetensors
+from nnsae.rundir import (IdentityMismatch, atomic_write, check_identity, child_path, claim, locked, write_json,
+                          write_safetensors, write_text)
 from nnsae.architectures import SAE
 from nnsae.training import checkpoint as ckpt
 from nnsae.training.architectures import make_training_sae
@@ -106,21 +111,23 @@ def make_adam(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 # ---- the public entry point ---------------------------------------------------------------------------------------
 
 def train(model: Any, cfgs: TrainConfig | list[TrainConfig], store: Any, out: str | Path, resume: bool = False,
-          progress: bool = True) -> dict[str, SAE]:
+          progress: bool = True, overwrite: bool = False) -> dict[str, SAE]:
     """Train one SAE per config from one iteration of `store`; returns `{name: inference SAE}`.
 
     `store` provides `hooks`, `iter(store)` (dicts `{hook: (batch_size_tokens, d_in)}`), `d_in(hook)`,
     `metadata(hook)`, `state_dict()`/`load_state_dict()`, `batch_size_tokens` and, for data-parallel runs,
     `shard(rank, world_size)`. `model` is only consulted for metadata the store does not give (model_name).
-    `resume=True` continues from the last checkpoint in `out` (or returns the finished run's SAEs).
+    `resume=True` continues from the last checkpoint in `out` (or returns the finished run's SAEs); the configs and
+    the store's `identity()` (when it has one) must match the run's. `overwrite=True` replaces a different or
+    finished run in `out` (deleting its run.json, checkpoints and SAE folders) and accepts a non-empty `out`.
     """
-    trainer = Trainer(model, cfgs, store, out, progress=progress)
+    trainer = Trainer(model, cfgs, store, out, progress=progress, overwrite=overwrite)
     return trainer.run(resume=resume)
 
 
 class Trainer:
     def __init__(self, model: Any, cfgs: TrainConfig | list[TrainConfig], store: Any, out: str | Path,
-                 progress: bool = True, comm: Comm | None = None):
+                 progress: bool = True, comm: Comm | None = None, overwrite: bool = False):
         self.comm = comm if comm is not None else current_comm()
         self.is_main = self.comm is None or self.comm.is_main
         self.world_size = self.comm.world_size if self.comm is not None else 1
@@ -129,6 +136,7 @@ class Trainer:
                 raise TypeError("Data-parallel training needs a store with shard(rank, world_size).")
             store = store.shard(self.comm.rank, self.comm.world_size) or store
         self.store, self.model_ref, self.out, self.progress = store, model, Path(out), progress
+        self.overwrite = overwrite
         cfg_list = [cfgs] if isinstance(cfgs, TrainConfig) else list(cfgs)
         if not cfg_list:
             raise ValueError("train() needs at least one TrainConfig.")
@@ -165,31 +173,42 @@ class Trainer:
         resolved = cfg.resolve(self.store.d_in(cfg.hook), self.global_batch)
         if resolved.name is None:
             resolved.name = resolved.default_name()
-        if "/" in resolved.name or resolved.name in ("", ".", "..", CHECKPOINTS):
-            raise ValueError(f"name={resolved.name!r} cannot be used as a folder name.")
+        if child_path(self.out, resolved.name).name == CHECKPOINTS:
+            raise ValueError(f"name={resolved.name!r} is the checkpoints folder: choose another name.")
         return resolved
 
     def _run_record(self) -> dict[str, Any]:
+        identity = getattr(self.store, "identity", None)
         return {"format": FORMAT_VERSION, "global_batch_tokens": self.global_batch,
-                "saes": {cfg.name: cfg.identity() for cfg in self.cfgs}}
+                "saes": {cfg.name: cfg.identity() for cfg in self.cfgs},
+                **({"store": identity()} if callable(identity) else {})}
 
     def _check_out_dir(self, resume: bool) -> dict[str, Any] | None:
-        path = self.out / RUN_FILE
-        if not path.exists():
-            if self.out.exists() and any(self.out.iterdir()):
-                raise ValueError(f"{self.out} is not empty and holds no nnsae training run: use an empty or new "
-                                 f"directory.")
+        """The run recorded in `out` to continue, or None to start one (after deleting the old run's files when
+        overwriting)."""
+        if not claim(self.out, RUN_FILE, "a training run", self.overwrite):
             return None
-        existing = json.loads(path.read_text())
+        existing = read_json(self.out / RUN_FILE)
         mine = self._run_record()
-        if {k: existing.get(k) for k in mine} != mine:
-            raise ValueError(f"{self.out} holds a different training run:\n{_describe_difference(existing, mine)}\n"
-                             f"Use another output directory (or the same configs and store to resume).")
-        if not resume:
-            state = "a finished" if existing.get("complete") else "an interrupted"
-            raise ValueError(f"{self.out} already holds {state} run with these configs: pass resume=True to "
-                             f"{'load' if existing.get('complete') else 'continue'} it, or use another directory.")
-        return existing
+        try:
+            check_identity(self.out, {k: existing.get(k) for k in mine}, mine, "a training run", "Use another output "
+                           "directory (--out), overwrite=True to replace it, or the same configs, model and data to "
+                           "resume.")
+            if resume:
+                return existing
+            if not self.overwrite:
+                state = "a finished" if existing.get("complete") else "an interrupted"
+                raise ValueError(f"{self.out} already holds {state} run with these configs: pass resume=True to "
+                                 f"{'load' if existing.get('complete') else 'continue'} it, overwrite=True to "
+                                 "replace it, or use another directory.")
+        except IdentityMismatch:
+            if not self.overwrite:
+                raise
+        for name in existing.get("saes", {}):
+            shutil.rmtree(child_path(self.out, name), ignore_errors=True)
+        shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
+        (self.out / RUN_FILE).unlink()
+        return None
 
     def _build_runs(self) -> None:
         for cfg in self.cfgs:
@@ -207,9 +226,24 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------------
 
     def run(self, resume: bool = False) -> dict[str, SAE]:
-        existing = self._check_out_dir(resume)
-        if self.comm is not None:
-            self.comm.barrier()  # every rank has looked at `out` before rank 0 writes to it
+        """Train (or resume, or load the finished run), holding `out`'s lock throughout (rank 0 holds it)."""
+        with contextlib.ExitStack() as lock:
+            outcome: tuple[bool, Any] | None = None
+            if self.is_main:
+                try:
+                    claim(self.out, RUN_FILE, "a training run", self.overwrite)  # before the lock file is made
+                    lock.enter_context(locked(self.out, "an nnsae training run"))
+                    outcome = (True, self._check_out_dir(resume))
+                except Exception as e:  # raised on every rank below, so none waits for the others
+                    outcome = (False, e)
+            if self.comm is not None:  # every rank follows rank 0's look at `out`, before rank 0 writes to it
+                outcome = self.comm.scatter_objects([outcome] * self.world_size if self.is_main else None)
+            ok, value = outcome
+            if not ok:
+                raise value
+            return self._run(value, resume)
+
+    def _run(self, existing: dict[str, Any] | None, resume: bool) -> dict[str, SAE]:
         if existing is not None and existing.get("complete"):
             return {cfg.name: SAE.load_from_disk(self.out / cfg.name, device=cfg.device) for cfg in self.cfgs}
         self._build_runs()
@@ -217,7 +251,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         loaded = self._load_checkpoint() if resume else False
         if self.is_main and existing is None:
-            ckpt.write_json(self.out / RUN_FILE, self._run_record())
+            write_json(self.out / RUN_FILE, self._run_record())
         wandb_run = self._start_wandb()
         self._open_metrics(truncate=loaded)
         batches: Iterator[dict[str, torch.Tensor]] = iter(self.store)
@@ -442,9 +476,9 @@ class Trainer:
             if truncate and path.exists():  # drop lines logged after the checkpoint we resumed from
                 kept = [line for line in path.read_text().splitlines()
                         if line.strip() and json.loads(line)["step"] <= run.n_steps]
-                path.write_text("".join(line + "\n" for line in kept))
+                write_text(path, "".join(line + "\n" for line in kept))
             elif not truncate:
-                path.write_text("")
+                write_text(path, "")
             self._metric_files[run.name] = open(path, "a")
 
     def _close_metrics(self) -> None:
@@ -499,7 +533,7 @@ class Trainer:
         if self.is_main:
             folder = self.out / run.name
             sae.save_model(folder, log_sparsity=log_sparsity)
-            ckpt.write_json(folder / "train_config.json", run.cfg.to_dict())
+            write_json(folder / "train_config.json", run.cfg.to_dict())
         run.done = True
         self._exported[run.name] = sae
 
@@ -507,9 +541,7 @@ class Trainer:
         if self.is_main:
             record = {**self._run_record(), "complete": True,
                       "trained_tokens": {r.name: r.n_tokens for r in self.runs}}
-            ckpt.write_json(self.out / RUN_FILE, record)
-            import shutil
-
+            write_json(self.out / RUN_FILE, record)
             shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
         if self.comm is not None:
             self.comm.barrier()
@@ -543,14 +575,14 @@ class Trainer:
             }
             for run in self.runs:
                 record["saes"][run.name] = run.counters()
-                weights = {k: v.detach().contiguous() for k, v in run.model.state_dict().items()}
-                save_file(weights, tmp / f"{run.name}.weights.safetensors")
-                torch.save(run.optimizer.state_dict(), tmp / f"{run.name}.optimizer.pt")
+                write_safetensors(tmp / f"{run.name}.weights.safetensors", run.model.state_dict())
+                optimizer_state = run.optimizer.state_dict()
+                atomic_write(tmp / f"{run.name}.optimizer.pt", lambda f: torch.save(optimizer_state, f))
                 tensors[f"{run.name}.act_freq_scores"] = run.act_freq_scores.detach().cpu().clone()
                 tensors[f"{run.name}.n_forward_passes_since_fired"] = \
                     run.n_forward_passes_since_fired.detach().cpu().clone()
-            save_file(tensors, tmp / "state.safetensors")
-            ckpt.write_json(tmp / "state.json", record)
+            write_safetensors(tmp / "state.safetensors", tensors)
+            write_json(tmp / "state.json", record, indent=1)
             path = ckpt.commit(root, tmp, self.global_step)
         if self.comm is not None:
             self.comm.barrier()
@@ -561,14 +593,14 @@ class Trainer:
         path = ckpt.latest(self.out / CHECKPOINTS)
         if path is None:
             return False
-        record = json.loads((path / "state.json").read_text())
+        record = read_json(path / "state.json")
         if record.get("world_size", 1) != self.world_size:
             raise ValueError(f"The checkpoint {path} was written by a run with {record.get('world_size')} processes; "
                              f"resume it with the same number ({self.world_size} now).")
-        tensors = load_file(path / "state.safetensors")
+        tensors = read_safetensors(path / "state.safetensors")
         for run in self.runs:
             counters = record["saes"][run.name]
-            weights = load_file(path / f"{run.name}.weights.safetensors", device=str(run.cfg.device))
+            weights = read_safetensors(path / f"{run.name}.weights.safetensors")
             run.model.load_state_dict(weights, strict=True)
             optimizer_state = torch.load(path / f"{run.name}.optimizer.pt", map_location=run.cfg.device,
                                          weights_only=True)
@@ -608,21 +640,3 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
 
-
-def _describe_difference(existing: dict[str, Any], mine: dict[str, Any]) -> str:
-    lines = []
-    old, new = existing.get("saes", {}), mine["saes"]
-    for name in sorted(set(old) | set(new)):
-        if name not in old:
-            lines.append(f"  - {name}: not in the existing run")
-        elif name not in new:
-            lines.append(f"  - {name}: in the existing run but not in these configs")
-        else:
-            keys = sorted(set(old[name]) | set(new[name]))
-            diffs = [f"{k}: {old[name].get(k)!r} → {new[name].get(k)!r}" for k in keys
-                     if old[name].get(k) != new[name].get(k)]
-            if diffs:
-                lines.append(f"  - {name}: " + "; ".join(diffs))
-    if existing.get("global_batch_tokens") != mine["global_batch_tokens"]:
-        lines.append(f"  - global batch: {existing.get('global_batch_tokens')} → {mine['global_batch_tokens']} tokens")
-    return "\n".join(lines) or "  (format differs)"

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from nnsae.config import migrate_legacy_config
-from nnsae.io.files import read_json, read_safetensors, write_json, write_safetensors
+from nnsae.io.files import read_json, read_safetensors
+from nnsae.rundir import write_json, write_safetensors
 
 if TYPE_CHECKING:
     from nnsae.architectures import SAE
