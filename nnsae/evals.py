@@ -141,7 +141,7 @@ def _ablated_logits(model: Any, point: HookPoint, tokens: torch.Tensor) -> torch
     return logits
 
 
-def evaluate(model: Any, saes: SAE | Sequence[SAE], dataset: str | Sequence[str] = OFFLINE, *, tokenizer: Any = None,
+def evaluate(model: Any, saes: SAE | Sequence[SAE], dataset: Any = OFFLINE, *, tokenizer: Any = None,
              n_tokens: int = 100_000, n_ce_tokens: int | None = 20_000, context_size: int | None = None,
              batch_size_prompts: int = 8, exclude_special_tokens: bool = True, split: str | None = None,
              text_column: str | None = None, progress: bool = True, out: str | Path | None = None,
@@ -161,15 +161,15 @@ def evaluate(model: Any, saes: SAE | Sequence[SAE], dataset: str | Sequence[str]
     if out is not None:
         check_writable(Path(out).parent if Path(out).suffix == ".json" else Path(out))
     nn_model = as_nnsight(model)
+    # Optional for pre-tokenized data; text without a tokenizer fails when packing, naming the fix.
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError("evaluate() needs the model's tokenizer: pass tokenizer=...")
     context_size = context_size or items[0].cfg.metadata.context_size or 128
     split = split or ("test" if dataset == OFFLINE else "train")
     specs = [resolve_hook(nn_model, sae) for sae in items]
     points = [p for spec in specs for p in (spec.read, spec.write)]
     harvester = Harvester(nn_model, points)
-    excluded = torch.tensor(sorted(special_token_ids(tokenizer)) if exclude_special_tokens else [])
+    specials = special_token_ids(tokenizer if tokenizer is not None else unwrap_model(nn_model).config)
+    excluded = torch.tensor(sorted(specials) if exclude_special_tokens else [], dtype=torch.long)
     device = next(unwrap_model(nn_model).parameters()).device
 
     docs = iter_documents(dataset, split=split, text_column=text_column)

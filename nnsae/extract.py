@@ -51,7 +51,7 @@ from nnsae import native
 from nnsae.data import OFFLINE, Chunk, iter_documents, pack, special_token_ids
 from nnsae.harvest import Harvester
 from nnsae.seam import as_nnsight, unwrap_model
-from nnsae.hooks import HookPoint, resolve_hook
+from nnsae.hooks import HookPoint, hook_label, resolve_hook
 from nnsae.io.files import read_json, read_safetensors
 from nnsae.rundir import (TMP_PREFIX, atomic_write, check_identity, child_path, claim,
                           dataset_identity, locked, model_fingerprint, sha256_file, tensors_fingerprint,
@@ -412,12 +412,6 @@ def _derived(state: dict[str, torch.Tensor], edges: torch.Tensor, context_size: 
 # ---- the extraction -----------------------------------------------------------------------------------------------
 
 
-def _hook_label(point: HookPoint) -> str:
-    label = f"{point.module}.{point.io}"
-    extras = [f"{k}={getattr(point, k)}" for k in ("center", "normalize") if getattr(point, k)]
-    return label + (f" ({', '.join(extras)})" if extras else "")
-
-
 def _n_heads(hf: nn.Module) -> int | None:
     config = getattr(hf, "config", None)
     return getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
@@ -428,7 +422,7 @@ def extract(model: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE], dataset: 
             batch_size_prompts: int = 8, top_k: int | None = 64, threshold: float = 0.0, n_tokens: int | None = None,
             shard_tokens: int = 65536, n_top_contexts: int = 20, context_window: int = 16,
             histogram_bins: int | Sequence[float] = DEFAULT_HISTOGRAM_BINS, split: str = "train",
-            text_column: str | None = None, prepend_bos: bool | None = None, exclude_special_tokens: bool = False,
+            text_column: str | None = None, prepend_bos: bool | None = None, exclude_special_tokens: bool = True,
             progress: bool = True, overwrite: bool = False) -> Path:
     """SAE features of every token of `dataset`, for all `saes` from one model pass per batch, into `out`.
 
@@ -470,10 +464,8 @@ def extract(model: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE], dataset: 
         raise ValueError(f"n_tokens={n_tokens} must be ≥ 1 (or None for the whole dataset).")
     nn_model = as_nnsight(model)
     hf = unwrap_model(nn_model)
-    if tokenizer is None:
+    if tokenizer is None:  # optional for pre-tokenized data; text without one fails when packing, naming the fix
         tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError("extract() needs the model's tokenizer: pass tokenizer=... (or a (model, tokenizer) pair).")
     config = getattr(hf, "config", None)
     max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if max_positions is not None and context_size > max_positions:
@@ -492,7 +484,7 @@ def extract(model: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE], dataset: 
         width = harvester.widths[p]
         hook_z = sae.cfg.reshape_activations == "hook_z" and sae.reshapes_input
         if width != sae.cfg.d_in and not hook_z:
-            raise ValueError(f"SAE {name!r} has d_in={sae.cfg.d_in} but its hook {_hook_label(points[p])} gives "
+            raise ValueError(f"SAE {name!r} has d_in={sae.cfg.d_in} but its hook {hook_label(points[p])} gives "
                              f"width {width}.")
 
     from nnsae.version import __version__
@@ -506,7 +498,7 @@ def extract(model: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE], dataset: 
         "histogram_edges": edges.tolist(), "prepend_bos": prepend_bos,
         "exclude_special_tokens": exclude_special_tokens,
     }
-    specials = sorted(special_token_ids(tokenizer))
+    specials = sorted(special_token_ids(tokenizer if tokenizer is not None else config))
     header = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "nnsae_version": __version__,
         "model": {"name": getattr(config, "_name_or_path", None) or type(hf).__name__,
@@ -517,7 +509,7 @@ def extract(model: Any, saes: SAE | Sequence[SAE] | Mapping[str, SAE], dataset: 
         "dataset": dataset_desc,
         "settings": settings,
         "columns": list(BASE_COLUMNS) + [f"{name}.{part}" for name, _ in named for part in ("indices", "values")],
-        "saes": [{"name": name, "hook": _hook_label(points[i]), "architecture": sae.cfg.architecture,
+        "saes": [{"name": name, "hook": hook_label(points[i]), "architecture": sae.cfg.architecture,
                   "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "fingerprint": sae_fingerprint(sae),
                   "cfg": sae.cfg.to_dict()} for i, (name, sae) in enumerate(named)],
     }

@@ -163,7 +163,7 @@ class ActivationStore:
     to disk (`ActivationCache`) and read back by later stores with the same settings instead of running the model.
     """
 
-    def __init__(self, model: Any, hooks: Sequence[str], dataset: str | Sequence[str] = OFFLINE, *,
+    def __init__(self, model: Any, hooks: Sequence[str], dataset: Any = OFFLINE, *,
                  tokenizer: Any = None, context_size: int = 128, batch_size_tokens: int = 4096,
                  store_batch_size_prompts: int = 8, n_batches_in_buffer: int = 16, prepend_bos: bool = True,
                  exclude_special_tokens: bool = True, dtype: str | torch.dtype = "float32",
@@ -174,9 +174,8 @@ class ActivationStore:
         self.hooks = list(hooks)
         self.harvester = Harvester(model, self.hooks)
         hf = unwrap_model(self.harvester.model)
+        # Pre-tokenized data needs no tokenizer; text data without one fails when packing, naming the fix.
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-        if self.tokenizer is None:
-            raise ValueError("ActivationStore needs the model's tokenizer: pass tokenizer=...")
         max_positions = getattr(hf.config, "max_position_embeddings", None) or getattr(hf.config, "n_positions", None)
         if max_positions is not None and context_size > max_positions:
             raise ValueError(f"context_size={context_size} is larger than the model's {max_positions} positions.")
@@ -187,7 +186,8 @@ class ActivationStore:
         self.batch_size_tokens, self.store_batch_size_prompts = batch_size_tokens, store_batch_size_prompts
         self.buffer_tokens = n_batches_in_buffer * batch_size_tokens
         self.exclude_special_tokens = exclude_special_tokens
-        self.excluded_ids = torch.tensor(sorted(special_token_ids(self.tokenizer)) if exclude_special_tokens else [])
+        specials = special_token_ids(self.tokenizer if self.tokenizer is not None else hf.config)
+        self.excluded_ids = torch.tensor(sorted(specials) if exclude_special_tokens else [], dtype=torch.long)
         self.dtype = parse_dtype(dtype)
         self.device = torch.device(device) if device is not None else self.harvester.device
         self.model_name = model_name or getattr(hf.config, "_name_or_path", None) or type(hf).__name__
@@ -199,7 +199,36 @@ class ActivationStore:
         self.order: torch.Tensor | None = None  # live buffer rows, in serving order
         self._chunks: Iterator[Chunk] | None = None
         self._identity: dict[str, Any] | None = None
+        if cache_dir is not None and self.identity()["dataset"].get("identifiable") is False:
+            raise ValueError(f"cache_dir needs data with an identity, and a {type(dataset).__name__} has none: pass a "
+                             "dataset name, local files, a list of texts, a token tensor or a datasets.Dataset.")
         self.cache = ActivationCache(Path(cache_dir), self.identity()) if cache_dir is not None else None
+
+    @classmethod
+    def from_sae(cls, model: Any, sae: Any, dataset: Any = None, **kwargs: Any) -> ActivationStore:
+        """A store for ``sae`` (SAELens' ``ActivationsStore.from_sae``): its hook, and from its metadata the context
+        size, ``prepend_bos``, ``exclude_special_tokens`` and the dataset (``dataset_path``, else ``dataset``, else
+        the offline corpus); keyword arguments override them."""
+        metadata = sae.cfg.metadata
+        hook = metadata.hook_name or metadata.hf_hook_name
+        if hook is None:
+            raise ValueError("ActivationStore.from_sae needs an SAE whose cfg.metadata has hook_name or hf_hook_name.")
+        for key, name in (("context_size", "context_size"), ("prepend_bos", "prepend_bos"),
+                          ("exclude_special_tokens", "exclude_special_tokens")):
+            value = getattr(metadata, name, None)
+            if value is not None and not isinstance(value, list):
+                kwargs.setdefault(key, value)
+        if dataset is None:
+            dataset = getattr(metadata, "dataset_path", None) or OFFLINE
+        return cls(model, [hook], dataset, **kwargs)
+
+    def get_batch_tokens(self) -> torch.Tensor:
+        """The next ``[store_batch_size_prompts, context_size]`` token batch of the data stream (SAELens'
+        ``get_batch_tokens``); the tokens are consumed, as there."""
+        chunks = self._next_chunks()
+        if not chunks:
+            raise StopIteration("The dataset is exhausted.")
+        return torch.stack([c.tokens for c in chunks])
 
     # ---- what training needs to know --------------------------------------------------------------------------
 

@@ -209,8 +209,11 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 _PROBE = "The quick brown fox jumps over the lazy dog. 0123456789 ÄÖÜ éàç 日本語 def f(x): return x**2\n\t"
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Class, size, special ids and the ids of a probe text: cheap, and different for another tokenizer."""
+def tokenizer_fingerprint(tokenizer: Any) -> str | None:
+    """Class, size, special ids and the ids of a probe text: cheap, and different for another tokenizer (None
+    without one: pre-tokenized data)."""
+    if tokenizer is None:
+        return None
     specials = [getattr(tokenizer, f"{n}_token_id", None) for n in ("bos", "eos", "pad", "sep", "cls", "unk")]
     ids = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
     return hashlib.sha256(json.dumps([type(tokenizer).__name__, len(tokenizer), specials, list(ids)]).encode()
@@ -224,7 +227,8 @@ def _looks_like_path(dataset: str) -> bool:
 
 def dataset_identity(dataset: Any, split: str, text_column: str | None) -> dict[str, Any]:
     """What identifies a dataset argument (see `nnsae.data.iter_documents`): a local file or folder by its files'
-    names and sizes, a list of texts by their sha256, a hub dataset by name and split."""
+    names and sizes, a list of texts or a token tensor by their sha256, a `datasets.Dataset` by its fingerprint, a hub
+    dataset by name and split. Other iterables (generators, IterableDataset) have none: ``identifiable`` is False."""
     if isinstance(dataset, str):
         path = Path(dataset).expanduser()
         if dataset != "offline" and not path.exists() and _looks_like_path(dataset):
@@ -240,7 +244,15 @@ def dataset_identity(dataset: Any, split: str, text_column: str | None) -> dict[
         for text in dataset:
             h.update(hashlib.sha256(str(text).encode()).digest())
         return {"path": None, "n_documents": len(dataset), "sha256": h.hexdigest(), "text_column": text_column}
-    return {"path": None, "type": type(dataset).__name__, "text_column": text_column}
+    if isinstance(dataset, torch.Tensor):
+        return {"path": None, "tensor": list(dataset.shape), "sha256": hashlib.sha256(
+            _tensor_bytes(dataset.reshape(-1))).hexdigest()}
+    if isinstance(dataset, dict) and split in dataset:  # a DatasetDict: the split that is read
+        dataset = dataset[split]
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    if isinstance(fingerprint, str):
+        return {"path": None, "type": type(dataset).__name__, "fingerprint": fingerprint, "text_column": text_column}
+    return {"path": None, "type": type(dataset).__name__, "text_column": text_column, "identifiable": False}
 
 
 # ---- ownership and names ------------------------------------------------------------------------------------------

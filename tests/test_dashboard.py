@@ -129,7 +129,7 @@ class Site:
         self.index = dashboard(self.model, {"resid": self.resid, "hookz": self.hook_z}, corpus(), self.out,
                                features="all", n_tokens=N_TOKENS, tokenizer=self.tok, context_size=CONTEXT,
                                n_top_contexts=N_TOP, context_window=WINDOW, n_quantiles=N_Q, n_per_quantile=N_PER,
-                               progress=False)
+                               progress=False, exclude_special_tokens=False)  # the brute force counts every token
         self.brute_force()
 
     def hf_activations(self) -> dict[str, torch.Tensor]:

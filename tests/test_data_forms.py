@@ -71,3 +71,50 @@ def test_tokenize_and_concatenate_equals_transformer_lens(add_bos_token, max_len
     assert ours.column_names == theirs.column_names == ["tokens"]
     assert torch.equal(torch.stack(list(ours["tokens"])), torch.stack(list(theirs["tokens"])))
     assert torch.equal(chunks_of(ours), torch.stack(list(ours["tokens"]))[:, :CTX])  # taken as pre-tokenized
+
+
+def test_every_entry_point_gives_identical_activations_for_identical_text(tmp_path):
+    import nnsae
+    from nnsae import SAE, SAEConfig
+    from nnsae.harvest import ActivationStore
+    from tests.tiny_models import tiny_model
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    rows = chunks_of(TEXTS, tok)
+    forms = {"texts": (TEXTS, tok), "dataset": (datasets.Dataset.from_dict({"text": TEXTS}), tok),
+             "tensor": (rows, None), "tokens column": (datasets.Dataset.from_dict({"tokens": rows.tolist()}), None)}
+    kw = dict(context_size=CTX, batch_size_tokens=32, store_batch_size_prompts=4, n_batches_in_buffer=2)
+    batches = {name: next(iter(ActivationStore(model, ["blocks.1.hook_resid_post"], data, tokenizer=t, **kw)))
+               for name, (data, t) in forms.items()}
+    for name, batch in batches.items():
+        assert torch.equal(batch["blocks.1.hook_resid_post"], batches["texts"]["blocks.1.hook_resid_post"]), name
+
+    sae = SAE.from_config(SAEConfig(architecture="topk", k=4, d_in=64, d_sae=32,
+                                    metadata={"hook_name": "blocks.1.hook_resid_post", "context_size": CTX}))
+    records = {name: nnsae.evaluate(model, sae, data, tokenizer=t, n_tokens=4 * CTX, n_ce_tokens=2 * CTX,
+                                    context_size=CTX, batch_size_prompts=2, progress=False)["metrics"]
+               for name, (data, t) in forms.items()}
+    for name, metrics in records.items():
+        assert metrics == records["texts"], name
+    for name, (data, t) in forms.items():
+        out = nnsae.extract(model, [sae], data, tmp_path / name.replace(" ", "_"), tokenizer=t, context_size=CTX,
+                            n_tokens=4 * CTX, progress=False)
+        assert torch.equal(nnsae.load_feature_stats(out, "blocks.1.hook_resid_post")["firing_count"],
+                           nnsae.load_feature_stats(tmp_path / "texts", "blocks.1.hook_resid_post")["firing_count"])
+
+
+def test_store_from_sae_reads_the_saes_metadata_and_gives_token_batches():
+    from nnsae import SAE, SAEConfig
+    from nnsae.harvest import ActivationStore
+    from tests.tiny_models import tiny_model
+
+    sae = SAE.from_config(SAEConfig(architecture="standard", d_in=64, d_sae=32, metadata={
+        "hook_name": "blocks.0.hook_resid_pre", "context_size": CTX, "prepend_bos": False,
+        "exclude_special_tokens": False}))
+    store = ActivationStore.from_sae(tiny_model("llama"), sae, TEXTS, tokenizer=tiny_tokenizer(),
+                                     store_batch_size_prompts=3, batch_size_tokens=16)
+    assert store.hooks == ["blocks.0.hook_resid_pre"] and store.context_size == CTX and store.prepend_bos is False
+    assert store.exclude_special_tokens is False
+    tokens = store.get_batch_tokens()
+    want = torch.stack([c.tokens for c in pack(iter_documents(TEXTS), tiny_tokenizer(), CTX, prepend_bos=False)])
+    assert torch.equal(tokens, want[:3]) and torch.equal(store.get_batch_tokens(), want[3:6])

@@ -30,8 +30,9 @@ _PANGRAMS = ["The quick brown fox jumps over the lazy dog. " * 2, "Pack my box w
              "How vexingly quick daft zebras jump! " * 3, "Sphinx of black quartz, judge my vow."]
 TEXTS = [f"Doc {i}: {_PANGRAMS[i % 4]}" for i in range(24)]
 CTX, BATCH, SHARD = 32, 3, 128  # 4 chunks per shard: batches of 3 + 1, so shards and batches do not align
+# Statistics over every token (the brute-force references count them all); the default leaves special tokens out.
 SETTINGS = dict(context_size=CTX, batch_size_prompts=BATCH, shard_tokens=SHARD, top_k=5, n_top_contexts=3,
-                context_window=4, histogram_bins=12, progress=False)
+                context_window=4, histogram_bins=12, progress=False, exclude_special_tokens=False)
 # (hook name for the SAE, HF module whose output it reads)
 HOOKS = [("blocks.1.hook_resid_post", "model.layers.1"), ("blocks.0.hook_mlp_out", "model.layers.0.mlp"),
          ("blocks.1.hook_resid_post", "model.layers.1")]
@@ -457,7 +458,7 @@ def test_other_architectures_hook_z_and_no_contexts(tmp_path):
         jump.threshold.uniform_(0.0, 0.05)
         jump.b_enc.normal_(0, 0.2)
     out = extract(model, {"jump": jump, "z": hook_z}, TEXTS[:6], tmp_path / "f", tokenizer=tok, context_size=CTX,
-                  n_top_contexts=0, top_k=None, progress=False)
+                  n_top_contexts=0, top_k=None, progress=False, exclude_special_tokens=False)
     chunks = list(pack([Document(text=t) for t in TEXTS[:6]], tok, CTX))
     tokens = torch.stack([c.tokens for c in chunks])
     seen = {}

@@ -224,7 +224,7 @@ def dashboard(model: Any, sae_or_saes: SAE | Sequence[SAE] | Mapping[str, SAE] |
               from_extraction: str | Path | None = None, tokenizer: Any = None, *, context_size: int = 128,
               batch_size_prompts: int = 8, n_top_contexts: int = 20, context_window: int = 16,
               n_quantiles: int = 5, n_per_quantile: int = 5, n_logits: int = 10, n_top_tokens: int = 10,
-              seed: int = 0, exclude_special_tokens: bool = False, progress: bool = True,
+              seed: int = 0, exclude_special_tokens: bool = True, progress: bool = True,
               extract_kwargs: dict[str, Any] | None = None) -> Path:
     """Build a static feature dashboard (and its JSON export) for one or more SAEs; returns `out/index.html`.
 

@@ -63,7 +63,8 @@ def add_dashboard_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.add_argument("--window", type=int, default=16, help="tokens shown either side of an activation (default: 16)")
     p.add_argument("--quantiles", type=int, default=5, help="activation quantile groups (default: 5)")
     p.add_argument("--per-quantile", type=int, default=5, help="examples per quantile group (default: 5)")
-    p.add_argument("--exclude-special-tokens", action="store_true", help="leave BOS/EOS/PAD out of the statistics")
+    p.add_argument("--exclude-special-tokens", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave BOS/EOS/PAD/SEP out of the statistics (default; --no-exclude-special-tokens counts them)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default="float32", help="model dtype (default: float32)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
