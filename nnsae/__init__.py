@@ -14,7 +14,7 @@ from nnsae.harvest import ActivationStore, Harvester
 from nnsae.hooks import HookPoint, HookSpec, resolve_hook
 from nnsae.io.registry import list_pretrained
 from nnsae.models import load_model, load_smollm2
-from nnsae.training import TRAINABLE_ARCHITECTURES, TrainConfig, train
+from nnsae.training import TRAINABLE_ARCHITECTURES, TrainConfig, from_saelens_config, train
 from nnsae.upload import upload_saes_to_huggingface
 from nnsae.version import __version__
 
@@ -24,4 +24,4 @@ __all__ = ["ARCHITECTURES", "ActivationStore", "Harvester", "HookPoint", "HookSp
            "register_architecture", "resolve_hook", "run_with_cache", "run_with_cache_with_saes",
            "run_with_hooks_with_saes", "run_with_saes", "saes", "splice", "steer", "test_prompt", "train", "dashboard",
            "neuronpedia", "upload_saes_to_huggingface", "extract", "load_features", "load_feature_stats",
-           "TRAINABLE_ARCHITECTURES", "tokenize_and_concatenate"]
+           "TRAINABLE_ARCHITECTURES", "tokenize_and_concatenate", "from_saelens_config"]

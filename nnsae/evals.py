@@ -244,6 +244,20 @@ def _add_ce(model: Any, saes: list[SAE], specs: list, tokens: torch.Tensor, mask
             part["kl_abl"].append(_kl(clean, ablated).cpu()[kl_mask])
 
 
+def ce_kl_metrics(model: Any, sae: SAE, token_batches: Sequence[torch.Tensor], exclude_special_tokens: bool = True,
+                  tokenizer: Any = None) -> dict[str, dict[str, float]]:
+    """SAELens' ``model_performance_preservation`` (CE loss score) and ``model_behavior_preservation`` (KL score)
+    groups of ``sae`` spliced into ``model`` over ``token_batches`` ([batch, context] ids): what training logs."""
+    nn_model = as_nnsight(model)
+    spec = resolve_hook(nn_model, sae)
+    source = tokenizer if tokenizer is not None else unwrap_model(nn_model).config
+    specials = torch.tensor(sorted(special_token_ids(source)) if exclude_special_tokens else [], dtype=torch.long)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("ce_clean", "ce_sae", "ce_abl", "kl_sae", "kl_abl")}
+    for tokens in token_batches:
+        _add_ce(nn_model, [sae], [spec], tokens, ~torch.isin(tokens.cpu(), specials), exclude_special_tokens, [parts])
+    return _ce_metrics(parts)
+
+
 def _ce_metrics(parts: dict[str, list[torch.Tensor]]) -> dict[str, dict[str, float]]:
     mean = {k: torch.cat(v).mean().item() for k, v in parts.items()}
     return {

@@ -168,7 +168,8 @@ class ActivationStore:
                  store_batch_size_prompts: int = 8, n_batches_in_buffer: int = 16, prepend_bos: bool = True,
                  exclude_special_tokens: bool = True, dtype: str | torch.dtype = "float32",
                  device: str | torch.device | None = None, seed: int = 42, text_column: str | None = None,
-                 split: str = "train", model_name: str | None = None, cache_dir: str | Path | None = None):
+                 split: str = "train", model_name: str | None = None, cache_dir: str | Path | None = None,
+                 eval_dataset: Any = None):
         if not hooks:
             raise ValueError("ActivationStore needs at least one hook.")
         self.hooks = list(hooks)
@@ -181,7 +182,7 @@ class ActivationStore:
             raise ValueError(f"context_size={context_size} is larger than the model's {max_positions} positions.")
         if batch_size_tokens < 1 or n_batches_in_buffer < 2:
             raise ValueError("batch_size_tokens must be ≥ 1 and n_batches_in_buffer ≥ 2.")
-        self.dataset, self.text_column, self.split = dataset, text_column, split
+        self.dataset, self.text_column, self.split, self.eval_dataset = dataset, text_column, split, eval_dataset
         self.context_size, self.prepend_bos = context_size, prepend_bos
         self.batch_size_tokens, self.store_batch_size_prompts = batch_size_tokens, store_batch_size_prompts
         self.buffer_tokens = n_batches_in_buffer * batch_size_tokens
@@ -221,6 +222,18 @@ class ActivationStore:
         if dataset is None:
             dataset = getattr(metadata, "dataset_path", None) or OFFLINE
         return cls(model, [hook], dataset, **kwargs)
+
+    def held_out_batches(self, n_batches: int, batch_size_prompts: int | None = None) -> list[torch.Tensor]:
+        """Token batches for evaluations during training, from data training never reads: ``eval_dataset``, else the
+        offline corpus' test split when training reads the offline corpus; empty when there is neither."""
+        if self.eval_dataset is None and not (isinstance(self.dataset, str) and self.dataset == OFFLINE):
+            return []
+        data, split = (self.eval_dataset, "train") if self.eval_dataset is not None else (OFFLINE, "test")
+        chunks = pack(iter_documents(data, split=split, text_column=self.text_column), self.tokenizer,
+                      self.context_size, self.prepend_bos)
+        size = batch_size_prompts or self.store_batch_size_prompts
+        return [torch.stack([c.tokens for c in group])
+                for group in itertools.islice(batched(chunks, size), n_batches)]
 
     def get_batch_tokens(self) -> torch.Tensor:
         """The next ``[store_batch_size_prompts, context_size]`` token batch of the data stream (SAELens'

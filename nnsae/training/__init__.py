@@ -11,8 +11,9 @@ under torchrun, `python -m nnsae.training`.
 from nnsae.training.architectures import TRAINING_CLASSES, make_training_sae
 from nnsae.training.base import StepContext, StepOutput, TrainingSAE
 from nnsae.training.config import TRAINABLE_ARCHITECTURES, TrainConfig, default_lr
+from nnsae.training.saelens import SAELensRun, from_saelens_config
 from nnsae.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted, train
 
-__all__ = ["StepContext", "StepOutput", "TRAINABLE_ARCHITECTURES", "TRAINING_CLASSES", "TrainConfig", "Trainer",
+__all__ = ["SAELensRun", "from_saelens_config", "StepContext", "StepOutput", "TRAINABLE_ARCHITECTURES", "TRAINING_CLASSES", "TrainConfig", "Trainer",
            "TrainingDiverged", "TrainingInterrupted", "TrainingSAE", "default_lr", "make_training_sae", "train"]
 

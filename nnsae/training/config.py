@@ -34,7 +34,8 @@ TRAIN_DTYPES = ("float32", "float64")
 _INFERENCE_FIELDS = {"d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations", "k",
                      "rescale_acts_by_decoder_norm"}
 # Fields that can change between a run and its resume without changing the result.
-_RESUME_FREE_FIELDS = {"log_every", "wandb_project", "checkpoint_every_tokens"}
+_RESUME_FREE_FIELDS = {"log_every", "wandb_project", "checkpoint_every_tokens", "eval_every", "n_eval_batches",
+                       "eval_batch_size_prompts", "n_checkpoints"}
 
 
 @dataclass
@@ -84,6 +85,12 @@ class TrainConfig:
     # dead features
     dead_feature_window: int = 1000
     feature_sampling_window: int = 2000
+    # evaluation and checkpoints during training (SAELens: evals every wandb_log_frequency · eval_every_n_wandb_logs
+    # steps on n_eval_batches batches; n_checkpoints intermediate SAEs at evenly spaced token counts)
+    eval_every: int = 1000  # steps between CE/KL evaluations on held-out batches; 0 turns them off
+    n_eval_batches: int = 10
+    eval_batch_size_prompts: int | None = None  # None = the store's store_batch_size_prompts
+    n_checkpoints: int = 0
     # run
     checkpoint_every_tokens: int | None = None
     seed: int = 42

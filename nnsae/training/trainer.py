@@ -15,6 +15,12 @@ Outputs under `out`:
 - `{out}/.lock`: held while a run is in progress; a second trainer on the same `out` is refused.
 - `{out}/checkpoints/step-N/`: the latest checkpoint (every `checkpoint_every_tokens` tokens and on
   SIGINT/SIGTERM), removed once the run is complete.
+- `{out}/{name}/checkpoints/{n_tokens}/`: with `n_checkpoints`, that many intermediate SAEs in SAELens layout at
+  evenly spaced token counts (SAELens' thresholds), kept.
+
+Every `eval_every` steps, the SAE being trained is spliced into the model on `n_eval_batches` held-out token batches
+(`store.held_out_batches`) and SAELens' `model_performance_preservation/ce_loss_score` and
+`model_behavior_preservation/kl_div_score` (with their CE/KL parts) go to `metrics.jsonl` (and wandb).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,6 +40,7 @@ from typing import Any, Iterator
 import torch
 
 from nnsae.config import SAEMetadata
+from nnsae.evals import ce_kl_metrics
 from nnsae.harvest import release_free_memory
 from nnsae.io.files import read_json, read_safetensors
 from nnsae.rundir import (IdentityMismatch, atomic_write, check_identity, child_path, claim, locked, write_json,
@@ -153,6 +161,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self._last_checkpoint: Path | None = None
         self._exported: dict[str, SAE] = {}
+        self._eval_batches: dict[str, list[torch.Tensor]] = {}
 
     # ---- setup --------------------------------------------------------------------------------------------------
 
@@ -318,6 +327,10 @@ class Trainer:
             self._step(run, batch[run.hook])
             if run.n_steps % run.cfg.log_every == 0 or run.n_steps == run.total_steps:
                 self._log(run, wandb_run)
+            if run.cfg.eval_every and run.n_steps % run.cfg.eval_every == 0:
+                self._evaluate(run, wandb_run)
+            if run.cfg.n_checkpoints and self.is_main:
+                self._save_intermediate(run)
             if run.n_steps == run.total_steps:
                 self._finalize(run)
 
@@ -381,8 +394,6 @@ class Trainer:
     def _finish_early(self) -> None:
         for run in self.runs:
             if not run.done:
-                import warnings
-
                 warnings.warn(f"The store ran out of data: {run.name!r} trained on {run.n_tokens} of "
                               f"{run.cfg.training_tokens} tokens.", stacklevel=3)
                 self._finalize(run)
@@ -493,8 +504,6 @@ class Trainer:
         try:
             import wandb
         except ImportError:
-            import warnings
-
             warnings.warn("wandb_project is set but wandb is not installed: logging to metrics.jsonl only.",
                           stacklevel=3)
             return None
@@ -518,8 +527,8 @@ class Trainer:
 
     # ---- outputs ------------------------------------------------------------------------------------------------
 
-    def _finalize(self, run: _Run) -> None:
-        """Export the SAE (folded, SAELens inference layout) with its metadata; rank 0 writes it."""
+    def _export(self, run: _Run) -> SAE:
+        """The SAE as trained so far (folded, SAELens inference form) with its metadata and feature sparsity."""
         sae = run.model.export(run.scaling_factor)
         sparsity = run.feature_sparsity()
         meta = {**run.metadata, "training_tokens": run.n_tokens,
@@ -528,14 +537,53 @@ class Trainer:
                 "training_architecture": run.cfg.architecture,
                 "training_architecture_details": run.cfg.training_details()}
         sae.cfg.metadata = SAEMetadata(**{k: v for k, v in meta.items() if v is not None})
-        log_sparsity = torch.log10(sparsity + 1e-10).detach().cpu()
-        sae.log_feature_sparsity = log_sparsity
+        sae.log_feature_sparsity = torch.log10(sparsity + 1e-10).detach().cpu()
+        return sae
+
+    def _finalize(self, run: _Run) -> None:
+        """Export the SAE; rank 0 writes it in SAELens layout."""
+        sae = self._export(run)
         if self.is_main:
             folder = self.out / run.name
-            sae.save_model(folder, log_sparsity=log_sparsity)
+            sae.save_model(folder, log_sparsity=sae.log_feature_sparsity)
             write_json(folder / "train_config.json", run.cfg.to_dict())
         run.done = True
         self._exported[run.name] = sae
+
+    def _save_intermediate(self, run: _Run) -> None:
+        """SAELens' `n_checkpoints`: the SAE at the first step past each of `n_checkpoints` evenly spaced token
+        counts, saved under `{name}/checkpoints/{n_tokens}/` (a resumed run skips the ones already passed)."""
+        total = run.total_steps * run.batch_tokens
+        every = math.ceil(total / (run.cfg.n_checkpoints + 1))
+        passed = [t for t in range(every, total, every) if run.n_tokens - run.batch_tokens <= t < run.n_tokens]
+        if passed and run.n_steps < run.total_steps:
+            sae = self._export(run)
+            sae.save_model(self.out / run.name / "checkpoints" / str(run.n_tokens),
+                           log_sparsity=sae.log_feature_sparsity)
+
+    def _evaluate(self, run: _Run, wandb_run: Any) -> None:
+        """CE and KL scores of the SAE as trained so far, spliced into the model on held-out batches (rank 0)."""
+        if not self.is_main:
+            return
+        if run.name not in self._eval_batches:
+            self._eval_batches[run.name] = self.store.held_out_batches(run.cfg.n_eval_batches,
+                                                                       run.cfg.eval_batch_size_prompts)
+            if not self._eval_batches[run.name]:
+                warnings.warn(f"{run.name}: no held-out data for the evaluations during training (the offline "
+                              "corpus' test split is used when training on it); pass eval_dataset= to the "
+                              "ActivationStore, or eval_every=0.", stacklevel=3)
+        if not self._eval_batches[run.name]:
+            return
+        sae = self._export(run)
+        metrics = ce_kl_metrics(self.store.harvester.model, sae, self._eval_batches[run.name],
+                                exclude_special_tokens=getattr(self.store, "exclude_special_tokens", True),
+                                tokenizer=getattr(self.store, "tokenizer", None))
+        record = {"step": run.n_steps, **{f"{group}/{name}": value for group, values in metrics.items()
+                                         for name, value in values.items()}}
+        self._metric_files[run.name].write(json.dumps(record) + "\n")
+        self._metric_files[run.name].flush()
+        if wandb_run is not None:
+            wandb_run.log({f"{run.name}/{k}": v for k, v in record.items() if k != "step"}, step=self.global_step)
 
     def _complete(self) -> None:
         if self.is_main:
