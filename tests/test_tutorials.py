@@ -19,6 +19,10 @@ CELL_TIMEOUT = 1200  # seconds; one cell trains an SAE on a shared 2-core machin
 
 # notebook → expression (evaluated in the notebook's namespace) whose JSON value the assertions below read
 PROBES = {
+    "00_from_saelens.ipynb": """{
+        "ce": ce, "l0_mean": l0.mean().item(), "ranks": ranks, "index_exists": index.is_file(),
+        "n_cache": len(cache), "acts_post_key": f"{HOOK}.hook_sae_acts_post" in cache,
+        "rows": token_dataset.num_rows, "batch_shape": list(batch_tokens.shape)}""",
     "01_loading_saes.ipynb": """{
         "same_weights": same_weights, "offline_error": offline_error,
         "hub_equal": bool(torch.equal(from_hub.W_dec, sae.W_dec)),
@@ -97,6 +101,18 @@ def execute(name: str) -> dict:
     # the kernel is this interpreter's (the venv's), not some other python on PATH
     assert Path(r["python"]).resolve() == Path(sys.executable).resolve()
     return r
+
+
+@pytest.mark.slow
+def test_00_from_saelens():
+    r = execute("00_from_saelens.ipynb")
+    ce = r["ce"]
+    assert ce["orig"] < ce["reconstr"] < ce["zero"]
+    assert 0 < r["l0_mean"] <= 32
+    assert r["ranks"]["clean"] == 0  # SmolLM2 completes the IOI prompt with " Mary"
+    assert r["ranks"]["with_sae"] >= 0 and r["index_exists"]
+    assert r["acts_post_key"] and r["n_cache"] > 100  # SAE points and the model's own TL points
+    assert r["batch_shape"] == [8, 128] and r["rows"] > 8
 
 
 @pytest.mark.slow
