@@ -57,5 +57,10 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     assert logits.shape == out.logits.shape and not torch.allclose(logits, out.logits)
     torch.testing.assert_close(cache["model.layers.6.hook_sae_acts_post"], feats, atol=1e-4, rtol=1e-4)
     assert (tmp_path / "feats" / "manifest.json").is_file()
+    # the migration table's block
+    assert namespace["loss"].ndim == 0 and namespace["patched"] > namespace["loss"]
+    assert set(namespace["cache"]) >= {"model.layers.6.hook_sae_acts_post"}
+    assert namespace["report"]["answer_tokens"] == [" Mary"] and namespace["batch"].shape[1] == 64
+    assert namespace["nnsae"].attached(namespace["model"]) == [] and not namespace["handle"].attached
     assert (tmp_path / "dash" / "index.html").is_file() and (tmp_path / "dash" / "features" / "0.json").is_file()
     assert not namespace["nnsae"].attached(namespace["model"])
