@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from nnsae import SAE, SAEConfig
 from nnsae.circuits import (CrossLayerTranscoder, Graph, SingleLayerTranscoder, TranscoderSet, attribute,
-                            compute_graph_scores, create_graph_files, load_transcoders, prune_graph,
+                            compute_graph_scores, create_graph_files, intervene, load_transcoders, prune_graph,
                             save_transcoders)
 from nnsae.circuits.graph import GraphConfig
 from tests.tiny_models import D_MODEL, N_LAYERS, VOCAB, tiny_model, tiny_tokenizer
@@ -287,6 +287,7 @@ _HOOKED = {  # family: (layers, attention, mlp in module, mlp out module, embedd
     "gemma2": ("model.layers", "self_attn", "mlp", "post_feedforward_layernorm", "model.embed_tokens", True, "rms"),
     "gemma3": ("model.layers", "self_attn", "mlp", "post_feedforward_layernorm", "model.embed_tokens", True, "rms"),
     "gpt_neox": ("gpt_neox.layers", "attention", "mlp", "mlp", "gpt_neox.embed_in", False, "ln"),
+    "llama": ("model.layers", "self_attn", "mlp", "mlp", "model.embed_tokens", False, "rms"),
 }
 
 
@@ -761,3 +762,77 @@ def test_neuronpedia_files_follow_circuit_tracer_schema(tmp_path):
     assert all(f"E_{int(t)}_{p}" in by_id for p, t in enumerate(TOKENS))
     index = json.loads((tmp_path / "out" / "graph-metadata.json").read_text())
     assert index == {"graphs": [data["metadata"]]}
+
+
+# ---- interventions -----------------------------------------------------------------------------------------------
+
+
+def intervened_reference(family, model, tokens, tc, interventions, freeze_attention):
+    """Logits with features set, through the float64 HF model and plain hooks: the MLP output gets
+    (value - current activation)·W_dec added; attention is replaced by the clean pattern times the values."""
+    model = copy.deepcopy(model).double()
+    ref = RefTranscoders(tc)
+    layers_path, attn_name, in_name, out_name, *_ = _HOOKED[family]
+    layers = model.get_submodule(layers_path)
+    patterns, handles = {}, []
+    for i, layer in enumerate(layers):
+        handles.append(getattr(layer, attn_name).register_forward_hook(
+            lambda mod, args, out, i=i: patterns.__setitem__(i, out[1][0])))
+    with torch.no_grad():
+        model(input_ids=tokens[None])
+    for h in handles:
+        h.remove()
+    handles, pending = [], {}
+
+    def on_in(mod, args, i):
+        acts = ref.acts(i, args[0][0])
+        for (layer, pos, feature, value) in interventions:
+            if layer != i:
+                continue
+            change = value - acts[pos, feature]
+            for out in range(i, ref.n_layers):
+                if ref.writes(i, out):
+                    row = torch.zeros_like(args[0][0])
+                    row[pos] = change[..., None] * ref.W_dec[i][feature, out - i]
+                    pending[out] = pending.get(out, 0) + row
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.get_submodule(in_name).register_forward_pre_hook(lambda mod, args, i=i: on_in(mod, args, i)))
+        handles.append(layer.get_submodule(out_name).register_forward_hook(
+            lambda mod, args, out, i=i: out + pending.pop(i, 0)))
+        if freeze_attention:
+            def attention(mod, args, kwargs, out, i=i):
+                x = kwargs["hidden_states"][0] if "hidden_states" in kwargs else args[0][0]
+                z = (patterns[i] @ _values(family, mod, x)).transpose(0, 1).reshape(x.shape[0], -1)
+                return (_out_proj(family, mod, z)[None], None)
+            handles.append(getattr(layer, attn_name).register_forward_hook(attention, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            return model(input_ids=tokens[None]).logits[0]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_intervene_keeps_error_and_matches_manual_hooks():
+    model, tc = tiny_model("llama"), random_set(0, "jumprelu")
+    plain = model(input_ids=TOKENS[None]).logits[0]
+    torch.testing.assert_close(intervene(model, tc, TOKENS, []), plain)
+    graph = attribute(model, TOKENS, tc, batch_size=64)
+    layer, pos, feature = graph.active_features[0].tolist()  # set to its own value: nothing changes
+    same = intervene(model, tc, TOKENS, [(layer, pos, feature, float(graph.activation_values[0]))])
+    torch.testing.assert_close(same, plain, rtol=1e-4, atol=1e-5)
+    interventions = [(0, 3, 2, 4.0), (1, slice(4, 7), 5, 0.0), (2, 6, 1, -2.0)]
+    for freeze in (True, False):
+        got = intervene(model, tc, TOKENS, interventions, freeze_attention=freeze)
+        expected = intervened_reference("llama", model, TOKENS, tc, interventions, freeze)
+        assert not torch.allclose(got.double(), plain.double(), atol=1e-3)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_intervene_with_a_clt_on_gemma2():
+    model, tc = tiny_model("gemma2"), random_clt()
+    interventions = [(0, 2, 3, 3.0), (1, 5, 7, 1.5)]
+    got = intervene(model, tc, TOKENS, interventions)
+    expected = intervened_reference("gemma2", model, TOKENS, tc, interventions, True)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
