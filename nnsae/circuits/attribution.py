@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from nnsae.circuits.graph import Graph, GraphConfig, LogitTarget
 from nnsae.circuits.transcoders import CrossLayerTranscoder, TranscoderSet
-from nnsae.hooks import HookPoint
+from nnsae.hooks import HookPoint, resolve_hook
 
 __all__ = ["attribute"]
 
@@ -226,7 +226,8 @@ def _norm_linear(module: nn.Module, kind: str, x: torch.Tensor, gemma_gain: bool
 
 
 class _FreezeAttention(TorchFunctionMode):
-    """Detach every softmax (eager attention's pattern); replace SDPA by the same product with a detached pattern."""
+    """Detach every softmax (eager attention's pattern); replace SDPA by the same product with a detached pattern.
+    Used only on a batch of identical copies of one prompt (see `_frozen_sdpa`)."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -245,13 +246,20 @@ def _frozen_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, at
     if key.shape[-3] != query.shape[-3]:
         repeats = query.shape[-3] // key.shape[-3]
         key, value = key.repeat_interleave(repeats, -3), value.repeat_interleave(repeats, -3)
+    # Every copy of the prompt has the same pattern: compute it once, and apply it to all copies' values in one
+    # product that keeps only the [heads, n, n] pattern for the backward pass.
+    query, key = query[:1], key[:1]
     scores = (query @ key.transpose(-2, -1)) * (1 / math.sqrt(query.shape[-1]) if scale is None else scale)
     if is_causal:
         causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    return torch.softmax(scores, dim=-1).detach().to(value.dtype) @ value
+        mask = attn_mask[:1] if attn_mask.dim() == 4 else attn_mask
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    pattern = torch.softmax(scores, dim=-1).detach().to(value.dtype)[0]  # [heads, n, s]
+    copies, heads, s, d_head = value.shape
+    flat = value.permute(1, 2, 0, 3).reshape(heads, s, copies * d_head)
+    return (pattern @ flat).view(heads, -1, copies, d_head).permute(2, 0, 1, 3)
 
 
 def _read_value(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
@@ -330,7 +338,7 @@ class _ReplacementModel:
         dtype = torch.float32
         reconstruction = [tc.b_dec_layer(layer).to(dtype).expand(n_pos, -1).clone() for layer in range(n_layers)]
         layers, positions, features, values = [], [], [], []
-        self.decoders: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per layer: cols, pos, vectors
+        self.decoders: list[tuple[torch.Tensor, torch.Tensor]] = []  # per source layer, see _by_position
         start = 0
         for layer in range(n_layers):
             acts = tc.encode_layer(mlp_in[layer], layer).to(dtype)
@@ -341,7 +349,7 @@ class _ReplacementModel:
             for j, out_layer in enumerate(tc.output_layers(layer)):
                 reconstruction[out_layer].index_add_(0, pos, scaled[:, j])
             cols = torch.arange(start, start + len(pos), device=pos.device)
-            self.decoders.append((cols, pos, scaled))
+            self.decoders.append(_by_position(cols, pos, scaled, n_pos))
             start += len(pos)
             layers.append(torch.full_like(pos, layer))
             positions.append(pos)
@@ -356,6 +364,9 @@ class _ReplacementModel:
         self.active_features = torch.stack([torch.cat(layers), torch.cat(positions), torch.cat(features)], dim=1)
         self.activation_values = torch.cat(values)
         self.n_active = start
+        spare = start + (n_layers + 1) * n_pos
+        for columns, _ in self.decoders:
+            columns[columns < 0] = spare
 
     # -- the frozen batched forward --
 
@@ -375,9 +386,9 @@ class _ReplacementModel:
             def fn(out: torch.Tensor) -> torch.Tensor:
                 if self.transcoders.skip_connection:
                     skip = self.transcoders.compute_skip(layer, self.sites[layer]).to(out.dtype)
-                    new = skip + (out - skip).detach()
-                else:
-                    new = out.detach().requires_grad_(True)
+                    new = skip + (out - skip[:1]).detach()
+                else:  # a view of one copy: gradients are read per copy at `new`, no batch-sized buffer
+                    new = out[:1].detach().requires_grad_(True).expand(copies, *out.shape[1:])
                 self.outputs[layer] = new
                 return new
             return fn
@@ -396,11 +407,25 @@ class _ReplacementModel:
                 read, write = self.read_points[layer], self.write_points[layer]
                 stack.callback(_register(hf.get_submodule(read.module), read.io, read_fn(layer)).remove)
                 stack.callback(_register(hf.get_submodule(write.module), write.io, write_fn(layer)).remove)
+            for mlp in self._mlp_modules():  # its output is a constant: compute it for one copy only
+                stack.callback(_register(hf.get_submodule(mlp), "input", lambda x: x[:1]).remove)
             stack.enter_context(_FreezeAttention())
             hidden = hf.base_model(input_ids=self.tokens[None].expand(copies, -1)).last_hidden_state
         self.sites[n_layers] = hidden
         self.embeds = embeds[0]
         self.copies = copies
+
+    def _mlp_modules(self) -> list[str]:
+        """The MLP modules whose whole output reaches the residual only through the write points (TL's
+        `hook_mlp_out` of a family in the hook table); empty when that is not known."""
+        if self.transcoders.feature_output_hook != "hook_mlp_out":
+            return []
+        try:
+            points = [resolve_hook(self.hf, hook_name=f"blocks.{layer}.mlp.hook_in").read
+                      for layer in range(self.n_layers)]
+        except ValueError:
+            return []
+        return [point.module for point in points if point.io == "input" and not point.normalize]
 
     def _norm_freezer(self, name: str, kind: str) -> Callable:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
@@ -429,17 +454,16 @@ class _ReplacementModel:
             grads.append(grad)
         inputs = [*self.outputs, self.embeds]
         got = torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True)
-        rows = torch.zeros(n, self.n_active + (n_layers + 1) * n_pos, device=self.embeds.device)
-        for layer, (cols, pos, scaled) in enumerate(self.decoders):
+        # One spare column absorbs the padding of `_by_position`.
+        rows = torch.zeros(n, self.n_active + (n_layers + 1) * n_pos + 1, device=self.embeds.device)
+        for layer, (cols, padded) in enumerate(self.decoders):
             for j, out_layer in enumerate(self.transcoders.output_layers(layer)):
                 grad = got[out_layer]
-                if grad is None or len(cols) == 0:
+                if grad is None or cols.numel() == 0:
                     continue
-                grad = grad[:n].float()
-                step = max(1, _CHUNK_ELEMENTS // (n * grad.shape[-1]))
-                for s in range(0, len(cols), step):
-                    rows[:, cols[s:s + step]] += torch.einsum("bmd,md->bm", grad[:, pos[s:s + step]],
-                                                              scaled[s:s + step, j])
+                # [n_pos, n, d] @ [n_pos, d, max_m]: every position's gradient against its features' decoders.
+                effects = torch.bmm(grad[:n].float().transpose(0, 1), padded[:, :, j].transpose(1, 2))
+                rows.index_add_(1, cols.flatten(), effects.permute(1, 0, 2).reshape(n, -1))
         error_start = self.n_active
         for layer in range(n_layers):
             if got[layer] is not None:
@@ -447,8 +471,22 @@ class _ReplacementModel:
                 rows[:, block] = torch.einsum("bpd,pd->bp", got[layer][:n].float(), self.errors[layer])
         if got[-1] is not None:
             token_start = error_start + n_layers * n_pos
-            rows[:, token_start:] = torch.einsum("bpd,pd->bp", got[-1][:n].float(), self.token_vectors)
-        return rows
+            rows[:, token_start:-1] = torch.einsum("bpd,pd->bp", got[-1][:n].float(), self.token_vectors)
+        return rows[:, :-1]
+
+
+def _by_position(cols: torch.Tensor, pos: torch.Tensor, scaled: torch.Tensor, n_pos: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's scaled decoder rows grouped by position and zero-padded: (columns [n_pos, max_m], decoders
+    [n_pos, max_m, n_out, d_model]); padding slots hold -1 until `_encode` points them at the spare last column."""
+    counts = torch.bincount(pos, minlength=n_pos)
+    width = int(counts.max()) if len(pos) else 0
+    slot = torch.arange(len(pos), device=pos.device) - (counts.cumsum(0) - counts)[pos]  # rank within position
+    columns = torch.full((n_pos, width), -1, dtype=torch.long, device=pos.device)
+    columns[pos, slot] = cols
+    padded = scaled.new_zeros(n_pos, width, *scaled.shape[1:])
+    padded[pos, slot] = scaled
+    return columns, padded
 
 
 def _store(slots: list, index: int, transform: Callable[[torch.Tensor], torch.Tensor]
