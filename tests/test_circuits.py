@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from nnsae.circuits import (CrossLayerTranscoder, Graph, SingleLayerTranscoder, 
                             compute_graph_scores, create_graph_files, intervene, load_transcoders, prune_graph,
                             save_transcoders)
 from nnsae.circuits.graph import GraphConfig
-from tests.tiny_models import D_MODEL, N_LAYERS, VOCAB, tiny_model, tiny_tokenizer
+from tests.tiny_models import D_MODEL, N_LAYERS, tiny_model, tiny_tokenizer
 
 D_TC = 16
 TOKENS = torch.tensor([1, 17, 42, 9, 77, 5, 23])  # BOS first
@@ -193,14 +192,17 @@ def gpt2_forward(model, tokens, frozen=None, sources=None, c=None):
     k_scale = 0
     mlp_ins = []
     for layer, block in enumerate(tr.h):
-        x, s1 = _ln(h, P(block.ln_1.weight), P(block.ln_1.bias), eps, None if frozen is None else frozen["scales"][k_scale])
+        fs = None if frozen is None else frozen["scales"]
+        x, s1 = _ln(h, P(block.ln_1.weight), P(block.ln_1.bias), eps, None if fs is None else fs[k_scale])
         qkv = x @ P(block.attn.c_attn.weight) + P(block.attn.c_attn.bias)
         q, k, v = (t.view(n, H, hd).transpose(0, 1) for t in qkv.split(d, dim=-1))
-        pattern = _causal_softmax(q @ k.transpose(-1, -2) / math.sqrt(hd)) if frozen is None else frozen["patterns"][layer]
+        if frozen is None:
+            pattern = _causal_softmax(q @ k.transpose(-1, -2) / math.sqrt(hd))
+        else:
+            pattern = frozen["patterns"][layer]
         z = (pattern @ v).transpose(0, 1).reshape(n, d)
         h = h + z @ P(block.attn.c_proj.weight) + P(block.attn.c_proj.bias)
-        x2, s2 = _ln(h, P(block.ln_2.weight), P(block.ln_2.bias), eps,
-                     None if frozen is None else frozen["scales"][k_scale + 1])
+        x2, s2 = _ln(h, P(block.ln_2.weight), P(block.ln_2.bias), eps, None if fs is None else fs[k_scale + 1])
         k_scale += 2
         if frozen is None:
             pre = x2 @ P(block.mlp.c_fc.weight) + P(block.mlp.c_fc.bias)
@@ -336,7 +338,8 @@ def hooked_reference(family, model, tokens, ref, logit_ids):
         logits = model(input_ids=tokens[None]).logits[0, -1]
     for h in handles:
         h.remove()
-    sources = Sources(ref, [record["in"][i] for i in range(len(layers))], [record["out"][i] for i in range(len(layers))])
+    n_layers = len(layers)
+    sources = Sources(ref, [record["in"][i] for i in range(n_layers)], [record["out"][i] for i in range(n_layers)])
 
     def frozen(c):
         handles, live_in = [], {}
@@ -797,7 +800,8 @@ def intervened_reference(family, model, tokens, tc, interventions, freeze_attent
                     pending[out] = pending.get(out, 0) + row
 
     for i, layer in enumerate(layers):
-        handles.append(layer.get_submodule(in_name).register_forward_pre_hook(lambda mod, args, i=i: on_in(mod, args, i)))
+        handles.append(layer.get_submodule(in_name).register_forward_pre_hook(
+            lambda mod, args, i=i: on_in(mod, args, i)))
         handles.append(layer.get_submodule(out_name).register_forward_hook(
             lambda mod, args, out, i=i: out + pending.pop(i, 0)))
         if freeze_attention:

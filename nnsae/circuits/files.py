@@ -72,8 +72,9 @@ def _nodes(graph: Graph, node_mask: torch.Tensor, cumulative_scores: torch.Tenso
     return nodes
 
 
-def create_graph_files(graph: Graph | str | Path, slug: str, output_path: str | Path, scan: str | list[str] | None = None,
-                       node_threshold: float = 0.8, edge_threshold: float = 0.98, tokenizer: Any = None) -> Path:
+def create_graph_files(graph: Graph | str | Path, slug: str, output_path: str | Path,
+                       scan: str | list[str] | None = None, node_threshold: float = 0.8,
+                       edge_threshold: float = 0.98, tokenizer: Any = None) -> Path:
     """Prune `graph` (or a `Graph.to_pt` file) and write `{slug}.json` plus the `graph-metadata.json` index into
     `output_path`. `tokenizer` decodes the prompt tokens; by default the graph's `cfg.tokenizer_name` is loaded.
     Returns the graph file's path."""

@@ -49,7 +49,8 @@ class GraphConfig:
             n_layers=n_layers, d_model=d_model, d_vocab=d_vocab, tokenizer_name=name, model_name=name,
             original_architecture=architectures[0], n_heads=n_heads,
             d_head=getattr(text, "head_dim", None) or (d_model // n_heads if n_heads else None),
-            d_mlp=getattr(text, "intermediate_size", None), n_key_value_heads=getattr(text, "num_key_value_heads", None),
+            d_mlp=getattr(text, "intermediate_size", None),
+            n_key_value_heads=getattr(text, "num_key_value_heads", None),
         )
 
 

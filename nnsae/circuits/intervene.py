@@ -100,8 +100,10 @@ def intervene(model: Any, transcoders: TranscoderSet | CrossLayerTranscoder, inp
         with ExitStack() as stack:
             for layer in range(transcoders.n_layers):
                 if layer in by_layer:
-                    stack.callback(_register(hf.get_submodule(read[layer].module), read[layer].io, on_read(layer)).remove)
-                stack.callback(_register(hf.get_submodule(write[layer].module), write[layer].io, on_write(layer)).remove)
+                    reader = hf.get_submodule(read[layer].module)
+                    stack.callback(_register(reader, read[layer].io, on_read(layer)).remove)
+                writer = hf.get_submodule(write[layer].module)
+                stack.callback(_register(writer, write[layer].io, on_write(layer)).remove)
             if replay is not None:
                 stack.enter_context(_Patterns(replay))
             logits = hf(input_ids=tokens).logits[0]

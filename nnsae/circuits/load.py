@@ -108,7 +108,8 @@ def _load_set(directory: Path, config: dict[str, Any], device: str | torch.devic
         indices = sorted(int(m.group(1)) for p in directory.iterdir()
                          if (m := re.fullmatch(r"layer_(\d+)\.safetensors", p.name)))
         if indices != list(range(len(indices))) or not indices:
-            raise ValueError(f"{directory}: expected layer_0.safetensors .. layer_N.safetensors, found layers {indices}.")
+            raise ValueError(
+                f"{directory}: expected layer_0.safetensors .. layer_N.safetensors, found layers {indices}.")
         files = [directory / f"layer_{i}.safetensors" for i in indices]
     activation = config.get("activation")
     transcoders = []
