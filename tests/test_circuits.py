@@ -10,6 +10,7 @@ token) is scaled by a coefficient c (1 in the clean run); A[target, source] = âˆ
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 
@@ -175,9 +176,10 @@ def _causal_softmax(scores):
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
 
 
-def gpt2_forward(model, tokens, frozen=None, sources=None, c=None):
+def gpt2_forward(model, tokens, frozen=None, sources=None, c=None, normalized_read=False):
     """GPT-2 by hand. frozen=None: the true model, returning (logits, record); else the frozen replacement model
-    as a function of the source coefficients c, returning (mlp_in list, final norm output)."""
+    as a function of the source coefficients c, returning (transcoder inputs, final norm output). The transcoders
+    read the MLP input, or with `normalized_read` ln_2's normalized input (TL's ln2.hook_normalized)."""
     tr = model.transformer
     cfg = model.config
     P = (lambda t: t.double())
@@ -203,6 +205,7 @@ def gpt2_forward(model, tokens, frozen=None, sources=None, c=None):
         z = (pattern @ v).transpose(0, 1).reshape(n, d)
         h = h + z @ P(block.attn.c_proj.weight) + P(block.attn.c_proj.bias)
         x2, s2 = _ln(h, P(block.ln_2.weight), P(block.ln_2.bias), eps, None if fs is None else fs[k_scale + 1])
+        tc_in = (h - h.mean(-1, keepdim=True)) * s2 if normalized_read else x2
         k_scale += 2
         if frozen is None:
             pre = x2 @ P(block.mlp.c_fc.weight) + P(block.mlp.c_fc.bias)
@@ -210,11 +213,11 @@ def gpt2_forward(model, tokens, frozen=None, sources=None, c=None):
             out = act @ P(block.mlp.c_proj.weight) + P(block.mlp.c_proj.bias)
             record["scales"] += [s1, s2]
             record["patterns"].append(pattern)
-            record["mlp_in"].append(x2)
+            record["mlp_in"].append(tc_in)
             record["mlp_out"].append(out)
         else:
-            out = sources.mlp_out(layer, c, x2)
-        mlp_ins.append(x2)
+            out = sources.mlp_out(layer, c, tc_in)
+        mlp_ins.append(tc_in)
         h = h + out
     final, sf = _ln(h, P(tr.ln_f.weight), P(tr.ln_f.bias), eps, None if frozen is None else frozen["scales"][k_scale])
     if frozen is None:
@@ -376,8 +379,8 @@ def hooked_reference(family, model, tokens, ref, logit_ids):
     return sources, torch.autograd.functional.jacobian(frozen, c), logits
 
 
-def hand_reference(family, model, tokens, ref, logit_ids):
-    forward = gpt2_forward if family == "gpt2" else llama_forward
+def hand_reference(family, model, tokens, ref, logit_ids, **options):
+    forward = functools.partial(gpt2_forward if family == "gpt2" else llama_forward, **options)
     with torch.no_grad():
         logits, record = forward(model, tokens)
     hf_logits = model(input_ids=tokens[None]).logits[0].double()
@@ -453,6 +456,16 @@ def test_adjacency_equals_frozen_jacobian(family, make):
     expected = check_graph(graph, sources, jac, logits, len(graph.logit_targets))
     n_active = len(sources.features)
     assert expected[:n_active, :n_active].abs().sum() > 0
+
+
+def test_transcoders_reading_tl_hook_normalized():
+    """A set reading ln2.hook_normalized (the MLP input before the norm's gain): its scale is frozen too."""
+    model, tc = tiny_model("gpt2"), random_set(4, "relu", skip=True)
+    tc.feature_input_hook = "ln2.hook_normalized"
+    graph = attribute(model, TOKENS, tc, batch_size=32, max_n_logits=3)
+    sources, jac, logits = hand_reference("gpt2", model, TOKENS, RefTranscoders(tc), graph.logit_tokens,
+                                          normalized_read=True)
+    check_graph(graph, sources, jac, logits, len(graph.logit_targets))
 
 
 def test_sdpa_and_nnsight_wrapper_give_the_same_graph():
