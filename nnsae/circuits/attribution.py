@@ -70,6 +70,10 @@ def attribute(model: Any, inputs: str | torch.Tensor | Sequence[int], transcoder
             "(or 'sdpa')."
         )
     device = next(hf.parameters()).device
+    tc_device = next(transcoders.parameters()).device
+    if tc_device != device:
+        raise ValueError(f"The transcoders are on {tc_device} but the model is on {device}: "
+                         f"move them with transcoders.to({str(device)!r}).")
     tokens = _tokenize(inputs, tokenizer, getattr(hf.config, "name_or_path", "") or "").to(device)
     zero_positions = _zero_positions(hf.config)
     with _inference_state(hf):

@@ -94,7 +94,7 @@ class SingleLayerTranscoder(nn.Module):
     def compute_skip(self, x: torch.Tensor) -> torch.Tensor:
         if self.W_skip is None:
             raise ValueError("This transcoder has no skip connection (W_skip).")
-        return x @ self.W_skip.T
+        return x.to(self.W_skip.dtype) @ self.W_skip.T
 
     def decode(self, acts: torch.Tensor, input_acts: torch.Tensor | None = None) -> torch.Tensor:
         out = acts @ self.W_dec + self.b_dec
