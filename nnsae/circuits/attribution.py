@@ -36,6 +36,7 @@ logger = logging.getLogger("nnsae.circuits")
 Transcoders = TranscoderSet | CrossLayerTranscoder
 _CHUNK_ELEMENTS = 1 << 25  # elements per temporary gather (128 MiB in float32)
 _SOFTMAXES = (F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax)
+_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 
 
 def attribute(model: Any, inputs: str | torch.Tensor | Sequence[int], transcoders: Transcoders,
@@ -231,15 +232,33 @@ def _norm_linear(module: nn.Module, kind: str, x: torch.Tensor, gemma_gain: bool
 
 class _FreezeAttention(TorchFunctionMode):
     """Detach every softmax (eager attention's pattern); replace SDPA by the same product with a detached pattern.
-    Used only on a batch of identical copies of one prompt (see `_frozen_sdpa`)."""
+
+    Used only on a batch of identical copies of one prompt: a pattern is kept for the first copy and expanded (a
+    stride-0 view), and a product of such a view with the values is done as one [heads, n, n] @ [heads, n,
+    copies·d_head] product, so the backward pass keeps one pattern per layer instead of one per copy."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func in _SOFTMAXES:
-            return func(*args, **kwargs).detach()
+            out = func(*args, **kwargs).detach()
+            return out[:1].expand_as(out) if out.dim() == 4 and out.shape[0] > 1 else out
         if func is F.scaled_dot_product_attention:
             return _frozen_sdpa(*args, **kwargs)
+        if func in _MATMULS and not kwargs and len(args) == 2 and _is_shared_pattern(args[0]):
+            return _apply_pattern(args[0][0], args[1])
         return func(*args, **kwargs)
+
+
+def _is_shared_pattern(t: Any) -> bool:
+    return (isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[0] > 1 and t.stride(0) == 0
+            and not t.requires_grad)
+
+
+def _apply_pattern(pattern: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """[heads, n, s] pattern (the same for every copy) applied to values [copies, heads, s, d_head]."""
+    copies, heads, s, d_head = value.shape
+    flat = value.permute(1, 2, 0, 3).reshape(heads, s, copies * d_head)
+    return (pattern.to(value.dtype) @ flat).view(heads, -1, copies, d_head).permute(2, 0, 1, 3)
 
 
 def _frozen_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -260,10 +279,7 @@ def _frozen_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, at
     if attn_mask is not None:
         mask = attn_mask[:1] if attn_mask.dim() == 4 else attn_mask
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    pattern = torch.softmax(scores, dim=-1).detach().to(value.dtype)[0]  # [heads, n, s]
-    copies, heads, s, d_head = value.shape
-    flat = value.permute(1, 2, 0, 3).reshape(heads, s, copies * d_head)
-    return (pattern @ flat).view(heads, -1, copies, d_head).permute(2, 0, 1, 3)
+    return _apply_pattern(torch.softmax(scores, dim=-1).detach()[0], value)
 
 
 def _read_value(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
