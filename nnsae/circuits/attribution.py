@@ -34,7 +34,7 @@ __all__ = ["attribute"]
 logger = logging.getLogger("nnsae.circuits")
 
 Transcoders = TranscoderSet | CrossLayerTranscoder
-_CHUNK_ELEMENTS = 1 << 25  # elements per temporary gather (128 MiB in float32)
+_CHUNK_ELEMENTS = 1 << 25  # elements of a temporary |rows| chunk in the influence estimate (128 MiB in float32)
 _SOFTMAXES = (F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax)
 _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 
@@ -90,7 +90,9 @@ def attribute(model: Any, inputs: str | torch.Tensor | Sequence[int], transcoder
 
 def _tokenize(inputs: Any, tokenizer: Any, model_name: str) -> torch.Tensor:
     if not isinstance(inputs, str):
-        tokens = torch.as_tensor(inputs, dtype=torch.long).squeeze()
+        tokens = torch.as_tensor(inputs, dtype=torch.long)
+        if tokens.ndim == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
         if tokens.ndim != 1:
             raise ValueError(f"Token ids must be one sequence (1-D, or [1, n_pos]), got shape {tuple(tokens.shape)}.")
         return tokens
