@@ -1,6 +1,6 @@
 """nnsae: sparse autoencoders on any Hugging Face model, built on nnsight, compatible with SAELens."""
 
-from nnsae import models, neuronpedia
+from nnsae import circuits, models, neuronpedia
 from nnsae.architectures import ARCHITECTURES, SAE, register_architecture
 from nnsae.attachment import (SAEHandle, SAEOrderError, attach, attached, detach, feature_attribution,
                               run_with_cache, run_with_cache_with_saes, run_with_hooks_with_saes, run_with_saes, saes,
@@ -18,7 +18,7 @@ from nnsae.training import TRAINABLE_ARCHITECTURES, TrainConfig, from_saelens_co
 from nnsae.upload import upload_saes_to_huggingface
 from nnsae.version import __version__
 
-__all__ = ["ARCHITECTURES", "ActivationStore", "Harvester", "HookPoint", "HookSpec", "SAE", "SAEConfig", "SAEHandle",
+__all__ = ["ARCHITECTURES", "circuits", "ActivationStore", "Harvester", "HookPoint", "HookSpec", "SAE", "SAEConfig", "SAEHandle",
            "SAEMetadata", "SAEOrderError", "TrainConfig", "attach", "attached", "detach", "evaluate",
            "feature_attribution", "list_pretrained", "load_model", "load_smollm2", "models", "offline_corpus",
            "register_architecture", "resolve_hook", "run_with_cache", "run_with_cache_with_saes",

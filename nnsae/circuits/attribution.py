@@ -21,13 +21,13 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from nnsight.intervention.envoy import Envoy
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from nnsae.circuits.graph import Graph, GraphConfig, LogitTarget
 from nnsae.circuits.transcoders import CrossLayerTranscoder, TranscoderSet
 from nnsae.hooks import HookPoint, resolve_hook
+from nnsae.seam import unwrap_model
 
 __all__ = ["attribute"]
 
@@ -52,7 +52,7 @@ def attribute(model: Any, inputs: str | torch.Tensor | Sequence[int], transcoder
     `max_feature_nodes`: keep at most this many features, chosen by their logit influence, re-estimated every
     `update_interval * batch_size` attributed rows. `tokenizer`: needed for string inputs when `model` has none.
     """
-    hf = model._module if isinstance(model, Envoy) else model
+    hf = unwrap_model(model)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if verbose:
         logger.setLevel(logging.INFO)

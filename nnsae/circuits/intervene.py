@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from nnsight.intervention.envoy import Envoy
+
 from torch.overrides import TorchFunctionMode
 
 from nnsae.circuits.attribution import _SOFTMAXES, _inference_state, _read_value, _register, _tokenize
 from nnsae.circuits.transcoders import CrossLayerTranscoder, TranscoderSet
+from nnsae.seam import unwrap_model
 
 __all__ = ["intervene"]
 
@@ -54,7 +55,7 @@ def intervene(model: Any, transcoders: TranscoderSet | CrossLayerTranscoder, inp
 
     `inputs` are tokenized as in `attribute`. A position may be an int or a slice.
     """
-    hf = model._module if isinstance(model, Envoy) else model
+    hf = unwrap_model(model)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     tokens = _tokenize(inputs, tokenizer, getattr(hf.config, "name_or_path", "") or "")
     tokens = tokens.to(next(hf.parameters()).device)[None]
