@@ -283,7 +283,8 @@ def resolve_hook(
     ``target`` (or ``hook=``) is whatever a user or an SAE gives: an HF module path with an optional
     ``.input``/``.output`` suffix (bare path: the output), a TransformerLens name (``blocks.6.hook_resid_post``,
     translated by the model family's table), a `HookPoint`/`HookSpec`, or an SAE. For an SAE the names come from
-    ``sae.cfg.metadata``: ``hf_hook_name``, then ``hook_name``; the write side of a transcoder from
+    ``sae.cfg.metadata``: ``hf_hook_name``, then ``hook_name`` (a TL name, or a module path as nnsae and SAELens'
+    HookedProxyLM write for HF models); the write side of a transcoder from
     ``hf_hook_name_out``/``hook_name_out`` (only where they differ from the input hook). Keyword names override the
     SAE's. When the model wraps a text model (``Gemma3ForConditionalGeneration``, Llava-style wrappers), paths written
     for the ``*ForCausalLM`` model and TL names resolve against the text model. TL weight-processing options
@@ -317,8 +318,8 @@ def resolve_hook(
     read = _first_point(
         hf_model,
         processing,
-        [("any", hook), ("hf", hf_hook_name), ("tl", hook_name), ("hf", saved("hf_hook_name")),
-         ("tl", saved("hook_name"))],
+        [("any", hook), ("hf", hf_hook_name), ("any", hook_name), ("hf", saved("hf_hook_name")),
+         ("any", saved("hook_name"))],
     )
     if read is None:
         raise ValueError(
@@ -328,7 +329,7 @@ def resolve_hook(
     write = _first_point(
         hf_model,
         processing,
-        [("hf", hf_hook_name_out), ("tl", hook_name_out), ("hf", saved_hf_out), ("tl", saved_tl_out)],
+        [("hf", hf_hook_name_out), ("any", hook_name_out), ("hf", saved_hf_out), ("any", saved_tl_out)],
     )
     return HookSpec(read=read, write=write or read)
 
@@ -381,9 +382,9 @@ def _first_point(
 
 
 def is_tl_hook(model: Any, name: Any) -> bool:
-    """Whether `resolve_hook` reads ``name`` as a TransformerLens hook name (``hook_embed``, ``blocks.L.…``) rather
-    than as an HF module path (a path that exists in the model wins)."""
-    if not isinstance(name, str) or not (name == "hook_embed" or name.startswith("blocks.")):
+    """Whether `resolve_hook` reads ``name`` as a TransformerLens hook name (``hook_…``, ``blocks.L.…``,
+    ``ln_final.…``) rather than as an HF module path (a path that exists in the model wins)."""
+    if not isinstance(name, str) or not name.startswith(("hook_", "blocks.", "ln_final.")):
         return False
     try:
         _locate(unwrap_model(model), _split_io_suffix(name)[0])

@@ -165,17 +165,36 @@ def test_harvester_reads_what_a_plain_hook_reads(models, family):
         torch.testing.assert_close(got, reference_activation(hf, expected[family], io), rtol=0, atol=0)
 
 
-def test_evaluate_resolves_a_tl_hook_on_the_multimodal_wrapper(models):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_evaluate_and_extract_read_where_a_plain_hook_reads(models, family, tmp_path):
+    """L0 from `evaluate` and firing counts from `extract` equal `sae.encode` of what a plain torch hook captures at
+    the expected module, for the SAE named by a TL name, an HF path and hf_hook_name."""
+    from nnsae.data import iter_documents, pack, special_token_ids
     from tests.tiny_models import tiny_tokenizer
 
-    hf = models["gemma3-mm"]
-    sae = make_sae(hook_name="blocks.1.hook_resid_post")
-    record = nnsae.evaluate(hf, sae, ["some text to read " * 8] * 4, tokenizer=tiny_tokenizer(), n_tokens=64,
-                            n_ce_tokens=32, context_size=16, batch_size_prompts=2, progress=False)
-    assert record["sae_cfg"]["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
-    l0 = record["metrics"]["sparsity"]["l0"]
-    # the same tokens through a plain hook: L0 of the SAE on the layer-1 output
-    assert 0 < l0 <= 96
+    hf, tok = models[family], tiny_tokenizer()
+    texts = [f"text number {i} about some things and other things." for i in range(12)]
+    ctx = 16
+    chunks = list(pack(iter_documents(texts), tok, ctx))[:4]
+    tokens = torch.stack([c.tokens for c in chunks])
+    tl_name, expected, io, _ = POINTS["resid_post"]
+    target = hf.get_submodule(expected[family])
+    seen = []
+    handle = target.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        hf(tokens)
+    handle.remove()
+    keep = ~torch.isin(tokens, torch.tensor(sorted(special_token_ids(tok))))
+    for metadata in ({"hook_name": tl_name}, {"hf_hook_name": expected[family]}, {"hook_name": expected[family]}):
+        sae = make_sae(**metadata)
+        with torch.no_grad():
+            feats = sae.encode(seen[0])[keep]
+        record = nnsae.evaluate(hf, sae, texts, tokenizer=tok, n_tokens=tokens.numel(), n_ce_tokens=None,
+                                context_size=ctx, batch_size_prompts=4, progress=False)
+        assert record["metrics"]["sparsity"]["l0"] == pytest.approx((feats > 0).sum(-1).float().mean().item())
+        out = nnsae.extract(hf, {"s": sae}, texts, tmp_path / f"{family}-{len(str(metadata))}", tokenizer=tok,
+                            context_size=ctx, batch_size_prompts=4, n_tokens=tokens.numel(), progress=False)
+        assert torch.equal(nnsae.load_feature_stats(out, "s")["firing_count"].long(), (feats > 0).sum(0).long())
 
 
 def test_unknown_names_get_one_clear_error_with_the_closest_paths(models):
