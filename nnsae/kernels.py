@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from nnsae.seam import tensor_version
+
 if TYPE_CHECKING:  # not imported at run time: a by-value SAE shipped to a remote server needs only math and torch
     from nnsae.native import Kernels
 
@@ -100,7 +102,7 @@ def bf16_weights(cache: dict, W: torch.Tensor, b: torch.Tensor, scale_src: torch
     sources = (W, b) + ((scale_src,) if scale_src is not None else ())
     if any(t.is_inference() for t in sources):
         return _Bf16Weights(W.detach(), b.detach(), scale)
-    key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
+    key = tuple((t.data_ptr(), tensor_version(t), t.device, t.dtype) for t in sources)
     if cache.get("key") != key:
         cache.clear()
         cache["key"], cache["weights"] = key, _Bf16Weights(W.detach(), b.detach(), scale)

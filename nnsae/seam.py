@@ -28,7 +28,7 @@ from torch.nn.modules import module as torch_module
 
 __all__ = ["INTERNALS", "NNSIGHT_TESTED", "SAEOrderError", "already_ran_past", "as_nnsight", "at_run_end",
            "envoy_of", "explain_order_errors", "fresh_hook_view", "in_trace_body", "install_output_hook",
-           "is_nnsight", "missing_internals", "module_observed", "refresh_envoy", "stop_explaining_order_errors",
+           "is_nnsight", "missing_internals", "module_observed", "refresh_envoy", "tensor_version", "stop_explaining_order_errors",
            "unwrap_model"]
 
 NNSIGHT_TESTED = "0.8.1"
@@ -48,6 +48,7 @@ INTERNALS: dict[str, str] = {
     "Controller": "nnsight's module forward, which calls `module._hf_hook` inside the module call (install_output_hook)",
     "torch.nn.Module._forward_hooks": "hook dictionaries read by module_observed and reset by fresh_hook_view",
     "torch.nn.modules.module._global_forward_hooks": "global module hooks (module_observed)",
+    "torch.Tensor._version": "the in-place version counter: was a tensor edited? (tensor_version)",
 }
 
 
@@ -71,6 +72,7 @@ def missing_internals() -> list[str]:
                                                       for name in _HOOK_DICTS),
         "torch.nn.modules.module._global_forward_hooks": lambda: hasattr(torch_module, "_global_forward_hooks")
         and hasattr(torch_module, "_global_forward_pre_hooks"),
+        "torch.Tensor._version": lambda: isinstance(torch.zeros(1)._version, int),
     }
     missing = []
     for name, check in checks.items():
@@ -303,6 +305,11 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forw
                "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_backward_pre_hooks",
                "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                "_load_state_dict_post_hooks")
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """torch's in-place version counter of ``t`` (it grows with every in-place edit)."""
+    return t._version
 
 
 def module_observed(module: nn.Module) -> bool:

@@ -34,7 +34,8 @@ def test_a_changed_internal_is_named(monkeypatch):
 
 # What only the seam may do: import nnsight's internal packages, or touch these private attributes.
 PRIVATE = re.compile(r"\._module\b|_hf_hook|\._update\(|_forward(_pre)?_hooks|_global_forward|sys\._getframe|"
-                     r"\binterleaver\b|\bMediator\b|\bController\b")
+                     r"\binterleaver\b|\bMediator\b|\bController\b|\._version\b|\._modules\b|\._parameters\b|"
+                     r"\._buffers\b")
 
 
 def test_only_the_seam_touches_nnsight_and_torch_internals():

@@ -177,8 +177,8 @@ class SAEHandle:
             state.release_tokens()
             self._token_user = False
         module = self._write_module
-        if module is not None and module._modules.get(self.name) is self.module:
-            del module._modules[self.name]
+        if module is not None and getattr(module, self.name, None) is self.module:
+            delattr(module, self.name)
             if self._write_envoy is not None:
                 refresh_envoy(self._write_envoy, module)
         if is_nnsight(self.model):

@@ -152,7 +152,7 @@ class SAESplice(nn.Module):
         nn.Module.__init__(self)
         self.__dict__["_sae"] = sae
         for name in HOOK_NAMES:
-            self.add_module(name, sae._modules[name])
+            self.add_module(name, getattr(sae, name))
         self.spec = spec
         self.mode = mode
         self.use_error_term = use_error_term
@@ -368,16 +368,16 @@ def attach(model: Any, sae: SAE, *, hook: str | HookPoint | HookSpec | None = No
     special = _special_ids(model, root, exclude_special_tokens)
     if name is None:
         name, i = "sae", 0
-        while name in write_module._modules or hasattr(write_module, name):
+        while hasattr(write_module, name):
             i += 1
             name = f"sae_{i}"
-    elif name in write_module._modules or hasattr(write_module, name):
+    elif hasattr(write_module, name):
         raise ValueError(f"nnsae.attach: {spec.write.module or type(root).__name__} already has an attribute {name!r}.")
 
     state = ModelState.of(root)
     # A view of the SAE with fresh hook modules (each attachment has its own traceable hook points; the caller's
     # SAE is never instrumented), sharing its weights unless it must live on another device.
-    view = fresh_hook_view(sae, {h: nn.Identity() for h in HOOK_NAMES if h in sae._modules}, move_to)
+    view = fresh_hook_view(sae, {h: nn.Identity() for h in HOOK_NAMES if hasattr(sae, h)}, move_to)
     if move_to is not None:
         view.cfg = copy.deepcopy(sae.cfg)
         view.cfg.device = str(move_to)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from nnsae.hooks import HookPoint, HookSpec, resolve_hook
-from nnsae.seam import unwrap_model
+from nnsae.seam import tensor_version, unwrap_model
 
 __all__ = ["first_tensor", "hook_z_heads", "replace_first", "sae_input", "splice", "splice_activation"]
 
@@ -44,7 +44,7 @@ def hook_z_heads(sae: Any, config: Any) -> int | None:
 
 
 def _snapshot(t: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    return (t, t.clone()) if t.is_inference() else (t, t._version)
+    return (t, t.clone()) if t.is_inference() else (t, tensor_version(t))
 
 
 def _untouched(snapshot: tuple[torch.Tensor, Any], after: torch.Tensor) -> bool:
@@ -53,7 +53,7 @@ def _untouched(snapshot: tuple[torch.Tensor, Any], after: torch.Tensor) -> bool:
     if after is not before:
         return False
     if isinstance(ref, int):
-        return before._version == ref
+        return tensor_version(before) == ref
     return torch.equal(before, ref)
 
 
