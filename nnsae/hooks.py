@@ -449,25 +449,32 @@ def _locate(root: torch.nn.Module, path: str) -> str:
     """``path`` as it exists in ``root``. A path written for the ``*ForCausalLM`` model is mapped onto a bare base
     model (prefix dropped) and onto a wrapper whose text model sits elsewhere (``model.`` → the decoder's path, as
     ``get_decoder()`` names it: ``model.language_model.`` for Gemma 3 / Llava-style models)."""
-    names = {name for name, _ in root.named_modules()}
-    if path in names:
+    if _has_module(root, path):
         return path
     head, _, rest = path.partition(".")
     prefix = getattr(root, "base_model_prefix", "")
-    if rest and head == prefix and getattr(root, "base_model", None) is root and rest in names:
+    if rest and head == prefix and getattr(root, "base_model", None) is root and _has_module(root, rest):
         return rest
-    decoder_path = _decoder_path(root)
-    if rest and head == prefix and decoder_path not in (None, head):
+    decoder_path = _decoder_path(root) if rest and head == prefix else None
+    if decoder_path is not None and decoder_path != head:
         candidate = f"{decoder_path}.{rest}" if decoder_path else rest
-        if candidate in names:
+        if _has_module(root, candidate):
             return candidate
-    close = difflib.get_close_matches(path, sorted(names), n=5, cutoff=0.5)
+    close = difflib.get_close_matches(path, sorted(name for name, _ in root.named_modules()), n=5, cutoff=0.5)
     hint = f" Closest: {', '.join(close)}." if close else ""
     raise ValueError(
         f"No module {path!r} in {type(root).__name__} (paths are relative to the HF model root, with an optional "
         f".input/.output suffix; TransformerLens names like 'blocks.0.hook_resid_pre' work for: "
         f"{', '.join(sorted(_FAMILIES))}).{hint}"
     )
+
+
+def _has_module(root: torch.nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _decoder_path(root: torch.nn.Module) -> str | None:
