@@ -145,7 +145,9 @@ def test_03_interventions():
     assert r["attribution_shape"] == [r["n_tokens"], r["d_sae"]] and r["attribution_finite"]
     assert "blocks.6.hook_resid_post.hook_sae_acts_post" in r["cache_keys"]
     assert all(k.split(".hook_sae_")[0] in ("blocks.3.hook_resid_post", "blocks.6.hook_resid_post")
-               for k in r["cache_keys"])
+               for k in r["cache_keys"] if ".hook_sae_" in k)
+    # the model's own points are cached too, except where an SAE sits (as in SAELens)
+    assert "blocks.5.hook_resid_post" in r["cache_keys"] and "blocks.6.hook_resid_post" not in r["cache_keys"]
     assert r["cache_matches"] and r["attached_after"] == 0
 
 
