@@ -158,6 +158,11 @@ def evaluate(model: Any, saes: SAE | Sequence[SAE], dataset: str | Sequence[str]
     items = [saes] if isinstance(saes, SAE) else list(saes)
     if not items:
         raise ValueError("evaluate() needs at least one SAE.")
+    for arg, value, least in (("n_tokens", n_tokens, 1), ("n_ce_tokens", n_ce_tokens, 0),
+                              ("batch_size_prompts", batch_size_prompts, 1), ("context_size", context_size, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ValueError(f"evaluate(): {arg} must be a whole number >= {least}, got {value!r}"
+                             + (" (n_ce_tokens=None or 0 skips CE/KL)." if arg == "n_ce_tokens" else "."))
     if out is not None:
         check_writable(Path(out).parent if Path(out).suffix == ".json" else Path(out))
     nn_model = as_nnsight(model)
@@ -198,8 +203,11 @@ def evaluate(model: Any, saes: SAE | Sequence[SAE], dataset: str | Sequence[str]
         seen += tokens.numel()
         bar.update(tokens.numel())
     bar.close()
-    if seen == 0:
-        raise ValueError(f"Dataset {dataset!r} (split {split!r}) gave no complete chunk of {context_size} tokens.")
+    if seen == 0 or not all(stat.tokens for stat in stats):
+        shown = repr(dataset) if isinstance(dataset, str) else f"({type(dataset).__name__})"
+        raise ValueError(f"Dataset {shown} (split {split!r}) gave no complete chunk of {context_size} tokens"
+                         + (" with a token that is not a special token" if seen else "")
+                         + ": use a longer dataset or a smaller context_size.")
 
     records = []
     for sae, stat, parts in zip(items, stats, ce_parts):

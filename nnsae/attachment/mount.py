@@ -339,6 +339,9 @@ def attach(model: Any, sae: SAE, *, hook: str | HookPoint | HookSpec | None = No
         raise ValueError(f"nnsae.attach: {spec.write.module}.{spec.write.io} is a read-only (normalized) hook point; "
                          "an SAE can only write where the activation can be put back.")
     label = sae_hook_name(sae, spec, hook)
+    if stack and mode != "steer" and any(h.sae is sae for h in occupants(model, spec)):
+        raise ValueError(f"nnsae.attach: this SAE is already attached at {label!r}; stack=True would apply it twice. "
+                         "Detach it first, or attach a copy (copy.deepcopy(sae)) to chain it with itself.")
     in_trace = in_trace_body(model)
     scope = "persistent" if (persistent if persistent is not None else not in_trace) else "trace"
     if scope == "trace" and not in_trace:
