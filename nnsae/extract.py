@@ -785,6 +785,10 @@ class Extraction:
         edges = torch.tensor(self.settings["histogram_edges"], dtype=torch.float64)
         final = self.dir / STATS / f"{sae_name}.safetensors"
         if self.complete and final.is_file():
+            recorded = (self.manifest.get("stats") or {}).get(sae_name, {}).get("sha256")
+            if recorded is not None and sha256_file(final) != recorded:
+                raise ValueError(f"{final} does not match the sha256 recorded in {self.dir / MANIFEST}: the file was "
+                                 "modified or damaged outside nnsae. Run the extraction again into a new directory.")
             tensors = read_safetensors(final)
         else:
             file = self.manifest["stats_state"]["files"].get(sae_name)
@@ -811,6 +815,7 @@ def load_features(out_dir: str | Path, *, format: str = "dataset", columns: Sequ
         raise ValueError(f"format={format!r} must be 'dataset' or 'table'.")
     if not extraction.shards:
         raise ValueError(f"{extraction.dir} has no committed shards yet.")
+    extraction.verify()  # a shard changed since it was committed (same size or not) is refused, not read
     if format == "table":
         return pa.concat_tables([pq.read_table(f, columns=columns) for f in extraction.shard_files])
     import datasets
