@@ -259,6 +259,9 @@ def dashboard(model: Any, sae_or_saes: SAE | Sequence[SAE] | Mapping[str, SAE] |
     named = _named(sae_or_saes)
     if from_extraction is None and (model is None or not named):
         raise ValueError("dashboard() needs a model and SAEs to run the extraction (or from_extraction=DIR).")
+    if from_extraction is not None:  # read (and its names checked) before anything is written
+        extraction_dir = Path(from_extraction)
+        pairs = _match_extraction(named, read_manifest(extraction_dir), extraction_dir)
     claim(out, RECORD, "a dashboard", overwrite)  # before the lock file is made in someone else's directory
     with locked(out, "an nnsae dashboard build"):
         write_json(out / RECORD, {"tool": "nnsae dashboard", "schema_version": SCHEMA_VERSION})
@@ -280,10 +283,6 @@ def dashboard(model: Any, sae_or_saes: SAE | Sequence[SAE] | Mapping[str, SAE] |
                                      "settings, or use another `out`.)") from None
                 raise
             pairs = list(saes.items())
-        else:
-            extraction_dir = Path(from_extraction)
-            manifest = read_manifest(extraction_dir)
-            pairs = _match_extraction(named, manifest, extraction_dir)
 
         multi = len(pairs) > 1
         sites = []
