@@ -57,6 +57,13 @@ def saes(model: Any, saes: SAE | Sequence[SAE] = (), *, reset_saes_end: bool = T
     items = [saes] if isinstance(saes, SAE) else list(saes)
     handles: list[SAEHandle] = []
     suspended: list[SAEHandle] = []
+
+    def undo() -> None:
+        for handle in reversed(handles):
+            handle.detach()
+        for old in reversed(suspended):
+            old.resume()
+
     try:
         for sae in items:
             spec = resolve_hook(model, sae if hook is None else hook)
@@ -65,13 +72,14 @@ def saes(model: Any, saes: SAE | Sequence[SAE] = (), *, reset_saes_end: bool = T
                 suspended.append(old)
             handles.append(attach(model, sae, hook=hook, mode=mode, use_error_term=use_error_term,
                                   exclude_special_tokens=exclude_special_tokens, persistent=True, stack=True))
+    except BaseException:  # all or nothing: a failing SAE leaves the model as it was, whatever reset_saes_end says
+        undo()
+        raise
+    try:
         yield handles
     finally:
         if reset_saes_end:
-            for handle in reversed(handles):
-                handle.detach()
-            for old in reversed(suspended):
-                old.resume()
+            undo()
         else:
             for old in suspended:
                 old.detach()
