@@ -235,6 +235,9 @@ API_CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("SAE input of the wrong width", lambda hf: make_sae().encode(torch.randn(2, 31)), "d_in=64"),
     ("decode of the wrong width", lambda hf: make_sae().decode(torch.randn(2, 31)), "d_sae=32"),
     ("SAE on the meta device", lambda hf: make_sae().to("meta")(torch.randn(2, 64)), "meta"),
+    ("attach an SAE on the meta device", lambda hf: nnsae.attach(hf, make_sae().to("meta")), "meta device"),
+    ("run_with_saes with an SAE on the meta device", lambda hf: nnsae.run_with_saes(
+        hf, tiny_tokens(), saes=[make_sae().to("meta")]), "meta device"),
     ("run_with_saes on an empty token tensor", lambda hf: nnsae.run_with_saes(
         hf, torch.zeros(1, 0, dtype=torch.long), saes=[make_sae()]), "input is empty"),
     ("test_prompt with an empty prompt", lambda hf: nnsae.test_prompt(hf, "", "x", tokenizer=tiny_tokenizer(),
@@ -429,6 +432,29 @@ def test_a_truncated_statistics_state_is_named_on_resume(tmp_path, hf):
 
 
 # ---- output folders: ownership and names ------------------------------------------------------------------------
+
+
+def test_resuming_an_extraction_keeps_files_it_did_not_write(tmp_path, hf):
+    out = _extraction(tmp_path / "x", hf, n_tokens=64)
+    mine = {out / "notes.txt": "a", out / "shards" / "notes.txt": "b", out / "stats" / "mine.json": "c",
+            out / "shards" / "shard-1.parquet": "d"}
+    for path, text in mine.items():
+        path.write_text(text)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, complete=False)))  # as if killed at the end
+    _extraction(tmp_path / "x", hf, n_tokens=64)
+    assert {path: path.read_text() for path in mine} == mine
+
+
+def test_train_resume_with_other_data_is_refused(env, tmp_path, capsys):
+    argv = [*TRAIN(env), "--tokens", "256", *DATA(env), "--out", str(tmp_path / "t")]
+    assert run_cli(argv, capsys)[0] == 0
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "Something else entirely. " * 20}))
+    code, lines, err = run_cli([*TRAIN(env), "--tokens", "256", "--dataset", str(other), "--context-size", "16",
+                                "--out", str(tmp_path / "t"), "--resume"], capsys)
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert "different" in lines[0] and "dataset" in lines[0], lines[0]
 
 
 def test_dashboard_never_touches_a_foreign_folder_unless_told(tmp_path, hf):
