@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfgs = [TrainConfig(**{**values, "hook": hook, "name": values["name"] if len(args.hook) == 1 else None})
             for hook in args.hook]
     model, tokenizer = load_model_arg(args.model, device=args.device)
-    store = ActivationStore(model, args.hook, args.dataset, tokenizer=tokenizer, context_size=args.context_size or 128,
+    store = ActivationStore(model, args.hook, args.dataset, tokenizer=tokenizer, context_size=_context_size(args),
                             batch_size_tokens=args.batch_size_tokens, split=args.split or "train")
     saes = train(model, cfgs, store, args.out, resume=args.resume, overwrite=args.overwrite)
     for name in saes:
@@ -95,11 +95,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_extract(args: argparse.Namespace) -> None:
     model, tokenizer = load_model_arg(args.model, device=args.device)
     saes = [load_sae_arg(spec, device=args.device) for spec in args.sae]
-    out = extract(model, saes, args.dataset, args.out, tokenizer=tokenizer, context_size=args.context_size or 128,
+    out = extract(model, saes, args.dataset, args.out, tokenizer=tokenizer, context_size=_context_size(args),
                   batch_size_prompts=args.batch_size_prompts, top_k=args.top_k or None, threshold=args.threshold,
                   n_tokens=args.tokens, split=args.split or "train",
                   overwrite=args.overwrite)
     print(f"Wrote {out}")
+
+
+def _context_size(args: argparse.Namespace) -> int:
+    return 128 if args.context_size is None else args.context_size  # 0 is an error to report, not "the default"
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:

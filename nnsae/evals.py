@@ -174,6 +174,11 @@ def evaluate(model: Any, saes: SAE | Sequence[SAE], dataset: str | Sequence[str]
     specs = [resolve_hook(nn_model, sae) for sae in items]
     points = [p for spec in specs for p in (spec.read, spec.write)]
     harvester = Harvester(nn_model, points)
+    for sae, spec, width in zip(items, specs, harvester.widths[::2]):  # checked now, not after the first batch
+        if width != sae.cfg.d_in and not (sae.cfg.reshape_activations == "hook_z" and sae.reshapes_input):
+            raise ValueError(f"The SAE for {sae.cfg.metadata.hook_name or spec.read.module!r} has d_in="
+                             f"{sae.cfg.d_in} but the activation at {spec.read.module}.{spec.read.io} has width "
+                             f"{width}.")
     excluded = torch.tensor(sorted(special_token_ids(tokenizer)) if exclude_special_tokens else [])
     device = next(unwrap_model(nn_model).parameters()).device
 

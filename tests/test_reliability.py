@@ -60,12 +60,13 @@ def env(tmp_path_factory) -> SimpleNamespace:
     short = d / "short.jsonl"
     short.write_text(json.dumps({"text": "hi"}))
     make_sae().save_model(d / "sae")
+    make_sae(d_in=32, d_sae=16, architecture="standard").save_model(d / "sae32")
     bad_cfg = d / "bad-cfg"
     make_sae().save_model(bad_cfg)
     cfg = json.loads((bad_cfg / "cfg.json").read_text())
     (bad_cfg / "cfg.json").write_text(json.dumps(dict(cfg, apply_b_dec_to_input="no")))
     return SimpleNamespace(dir=d, model=model_dir, data=data, empty=empty, short=short, sae=d / "sae",
-                           bad_cfg=bad_cfg)
+                           sae32=d / "sae32", bad_cfg=bad_cfg)
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str], str]:
@@ -118,6 +119,20 @@ CLI_CASES: list[tuple[str, Callable[[SimpleNamespace], list[str]], int, str]] = 
                                       str(e.dir / "x0")], 2, "--tokens"),
     ("extract --tokens nan", lambda e: ["extract", *M(e), "--sae", str(e.sae), *DATA(e), "--tokens", "nan",
                                         "--out", str(e.dir / "x0")], 2, "--tokens"),
+    ("extract --context-size 0", lambda e: ["extract", *M(e), "--sae", str(e.sae), "--dataset", str(e.data),
+                                            "--context-size", "0", "--out", str(e.dir / "x0")], 1, "context_size"),
+    ("extract an SAE of the wrong width", lambda e: ["extract", *M(e), "--sae", str(e.sae), "--sae", str(e.sae32),
+                                                     *DATA(e), "--out", str(e.dir / "x0")], 1, "d_in=32"),
+    ("train --tokens 0", lambda e: [*TRAIN(e), *DATA(e), "--tokens", "0", "--out", str(e.dir / "t0")], 1,
+     "training_tokens"),
+    ("train --lr nan", lambda e: [*TRAIN(e), *DATA(e), "--lr", "nan", "--out", str(e.dir / "t0")], 1, "lr"),
+    ("train --arch unknown", lambda e: [*TRAIN(e), *DATA(e), "--arch", "foo", "--out", str(e.dir / "t0")], 1,
+     "'foo'"),
+    ("eval an SAE of the wrong width", lambda e: ["eval", *M(e), "--sae", str(e.sae32), *DATA(e), "--tokens", "64",
+                                                  "--out", str(e.dir / "ev.json")], 1, "d_in=32"),
+    ("convert --dtype int8", lambda e: ["convert", str(e.sae), str(e.dir / "c0"), "--dtype", "int8"], 1, "'int8'"),
+    ("convert --format unknown", lambda e: ["convert", str(e.sae), str(e.dir / "c0"), "--format", "foo"], 1,
+     "'foo'"),
     ("extract into a foreign folder", lambda e: ["extract", *M(e), "--sae", str(e.sae), *DATA(e), "--tokens", "64",
                                                  "--out", str(_foreign(e))], 1, "--overwrite"),
     ("extract with a malformed cfg.json", lambda e: ["extract", *M(e), "--sae", str(e.bad_cfg), *DATA(e),
