@@ -194,7 +194,8 @@ class SAEConfig:
 # Each field's JSON type, checked strictly: `"no"` for a bool or `"4"` for an int is an error, not a truthy value.
 _FIELD_TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
     "d_in": ("an integer", (int,)), "d_sae": ("an integer", (int,)), "k": ("an integer or null", (int, type(None))),
-    "d_out": ("an integer or null", (int, type(None))), "device": ("a string", (str, torch.device)), "apply_b_dec_to_input": ("true or false", (bool,)),
+    "d_out": ("an integer or null", (int, type(None))), "device": ("a string", (str, torch.device)),
+    "apply_b_dec_to_input": ("true or false", (bool,)),
     "rescale_acts_by_decoder_norm": ("true or false", (bool,)), "normalize_activations": ("a string", (str,)),
     "reshape_activations": ("a string", (str,)), "architecture": ("a string", (str,)),
     "metadata": ("a JSON object", (dict, SAEMetadata)),

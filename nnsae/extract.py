@@ -547,7 +547,13 @@ def _open_manifest(out: Path, header: dict[str, Any], overwrite: bool) -> dict[s
                       "stats_state": {"shards_done": 0, "files": {}}, "stats": {}}
     if not claim(out, MANIFEST, "an extraction", overwrite):
         return fresh
-    existing = Extraction(out)
+    try:
+        existing = Extraction(out)
+    except ValueError:  # a damaged manifest: with overwrite, start again (_clean deletes the files it names so)
+        if not overwrite:
+            raise
+        (out / MANIFEST).unlink()
+        return fresh
     try:
         check_identity(out, _comparable(existing.manifest), _comparable(header), "an extraction",
                        "Use a new output directory (--out), overwrite=True to replace it, or call again with the "
@@ -747,10 +753,19 @@ class Extraction:
         self.manifest: dict[str, Any] = read_json(path)
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             raise ValueError(f"{path} is not an nnsae feature-extraction manifest.")
-        self.sae_names: list[str] = [child_path(self.dir, s["name"]).name for s in self.manifest["saes"]]
-        self.settings: dict[str, Any] = self.manifest["settings"]
-        self.complete = bool(self.manifest["complete"])
-        self.shards: list[dict[str, Any]] = self.manifest["shards"]
+        try:  # every entry read later, checked now: a damaged manifest is one error naming it
+            self.sae_names: list[str] = [child_path(self.dir, s["name"]).name for s in self.manifest["saes"]]
+            self.settings: dict[str, Any] = dict(self.manifest["settings"])
+            self.complete = bool(self.manifest["complete"])
+            self.shards: list[dict[str, Any]] = self.manifest["shards"]
+            for shard in self.shards:
+                if not all(isinstance(shard[k], t) for k, t in (("file", str), ("bytes", int), ("sha256", str))):
+                    raise TypeError(f"the shard entry {str(shard)[:80]}")
+            dict(self.manifest["stats_state"]["files"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path} is damaged (an entry is missing or of the wrong type: {type(e).__name__} {e}); "
+                             "it was modified outside nnsae. Run the extraction again into a new directory, or with "
+                             "overwrite=True.") from None
 
     def path(self, relative: str) -> Path:
         """A file the manifest names (`shards/shard-000000.parquet`), checked to stay inside the directory."""

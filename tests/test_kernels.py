@@ -331,7 +331,7 @@ def test_decoding_sparse_activations_reads_only_their_rows_and_equals_the_dense_
         dense[0, 0] = 1.0  # more than 1/32 non-zero: the dense product
         out_dense = sae.decode(dense)
         assert len(calls) == 1
-        with pytest.raises(RuntimeError):  # a wrong width is refused, not decoded
+        with pytest.raises(ValueError, match="d_sae=512"):  # a wrong width is refused, not decoded
             sae.decode(acts[..., :500])
     torch.testing.assert_close(out.double(), acts.double() @ W + sae.b_dec.double(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_dense.double(), dense.double() @ W + sae.b_dec.double(), atol=1e-5, rtol=1e-5)

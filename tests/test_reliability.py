@@ -575,29 +575,43 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_bytes(comma
     assert _same_output(out, tmp_path / "reference")
 
 
-def test_sigterm_during_cli_training_says_resume_and_resume_matches(env, tmp_path):
-    def argv(out: Path) -> list[str]:
-        return ["train", *M(env), "--hook", "model.layers.1", "--dataset", str(env.data), "--context-size", "16",
-                "--tokens", "20000", "--batch-size-tokens", "32", "--arch", "topk", "--k", "4", "--expansion", "2",
-                "--checkpoint-every-tokens", "640", "--device", "cpu", "--out", str(out)]
-
-    reference = _run_to_end(argv(tmp_path / "reference"))
-    assert reference.returncode == 0, reference.stderr
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["TERM", "INT", "KILL"])
+def test_cli_training_stopped_then_resumed_matches_an_uninterrupted_run(sig, env, tmp_path, training_reference):
+    """SIGTERM/SIGINT: one line telling the user to pass --resume (no traceback, no `train(...)`); SIGKILL after a
+    checkpoint: nothing said. Either way `--resume` ends with the uninterrupted run's bytes."""
     out = tmp_path / "run"
-    proc = _cli(argv(out))
+    proc = _cli(_train_argv(env, out))
     deadline = time.monotonic() + 120
-    while not (out / "checkpoints").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+    while not list(out.glob("checkpoints/step-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    assert proc.poll() is None, proc.communicate()[1]
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "train(" not in err
-    assert "--resume" in [line for line in err.splitlines() if "interrupted" in line][0]
-    resumed = _run_to_end([*argv(out), "--resume"])
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err and "train(" not in err
+        assert "--resume" in [line for line in err.splitlines() if "interrupted" in line][0]
+    resumed = _run_to_end([*_train_argv(env, out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
-    (name,) = [p.name for p in (tmp_path / "reference").iterdir() if (p / "cfg.json").is_file()]
-    for file in ("sae_weights.safetensors", "sparsity.safetensors"):
-        assert (out / name / file).read_bytes() == (tmp_path / "reference" / name / file).read_bytes()
+    (name,) = [p.name for p in training_reference.iterdir() if (p / "cfg.json").is_file()]
+    for file in ("sae_weights.safetensors", "sparsity.safetensors", "cfg.json"):
+        assert (out / name / file).read_bytes() == (training_reference / name / file).read_bytes()
+
+
+def _train_argv(env: SimpleNamespace, out: Path) -> list[str]:
+    return ["train", *M(env), "--hook", "model.layers.1", "--dataset", str(env.data), "--context-size", "16",
+            "--tokens", "20000", "--batch-size-tokens", "32", "--arch", "topk", "--k", "4", "--expansion", "2",
+            "--checkpoint-every-tokens", "640", "--device", "cpu", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def training_reference(env, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run = _run_to_end(_train_argv(env, out))
+    assert run.returncode == 0, run.stderr
+    return out
 
 
 def test_eval_killed_leaves_no_partial_file_and_reruns(env, tmp_path):

@@ -190,6 +190,9 @@ class Trainer:
         if not claim(self.out, RUN_FILE, "a training run", self.overwrite):
             return None
         existing = read_json(self.out / RUN_FILE)
+        if not isinstance(existing, dict):
+            raise ValueError(f"{self.out / RUN_FILE} is not a training-run record (a JSON object): it was modified "
+                             "outside nnsae. Use another output directory, or overwrite=True to start again.")
         mine = self._run_record()
         try:
             check_identity(self.out, {k: existing.get(k) for k in mine}, mine, "a training run", "Use another output "
