@@ -23,6 +23,10 @@ from nnsae.training import TrainConfig, TrainingDiverged, TrainingInterrupted, t
 
 def cmd_convert(args: argparse.Namespace) -> None:
     sae = load_sae_arg(args.src, dtype=args.dtype, format=args.format)
+    dst = Path(args.dst)
+    if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
+        raise ValueError(f"{dst} is not empty: refusing to write the converted SAE into it. Use a new or empty "
+                         "directory, or --overwrite (replaces cfg.json and the weights there).")
     weights, cfg = sae.save_model(args.dst)
     print(f"Wrote {sae.cfg.architecture} SAE (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}) in SAELens layout: "
           f"{cfg}, {weights}")
@@ -131,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output directory")
     p.add_argument("--format", default=None, help="source format (default: detected)")
     p.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("list", help="list pretrained SAE releases, or the SAE ids of one release")

@@ -168,6 +168,7 @@ CLI_CASES: list[tuple[str, Callable[[SimpleNamespace], list[str]], int, str]] = 
                                                        "--from-extraction", str(e.dir / "none"), "--quiet", "--out",
                                                        str(e.dir / "d3")], 1, "manifest.json"),
     ("convert a malformed cfg.json", lambda e: ["convert", str(e.bad_cfg), str(e.dir / "c1")], 1, "cfg.json"),
+    ("convert into a non-empty folder", lambda e: ["convert", str(e.sae), str(_foreign(e))], 1, "--overwrite"),
     ("convert an empty folder", lambda e: ["convert", str(_foreign(e)), str(e.dir / "c2")], 1,
      "Could not detect"),
     ("list an unknown release", lambda e: ["list", "--release", "no-such-release"], 1, "no-such-release"),
@@ -572,7 +573,7 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_bytes(comma
                   "cpu", "--out", str(out)]
         if command == "extract":
             return ["extract", *common, "--batch-size-prompts", "1", "--top-k", "4", "--tokens", "960"]
-        return ["dashboard", *common, "--batch-size", "1", "--tokens", "320", "--features", "0-31", "--quiet"]
+        return ["dashboard", *common, "--batch-size", "1", "--tokens", "320", "--quiet"]  # default: all 32
 
     _in_process(argv(tmp_path / "reference"), monkeypatch)
     out = tmp_path / "killed"
@@ -587,6 +588,8 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_bytes(comma
     assert kills >= 1
     assert not [p for p in out.rglob(".tmp-*")]
     assert _same_output(out, tmp_path / "reference")
+    if command == "dashboard":
+        assert len(list((out / "features").glob("*.html"))) == 32
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["TERM", "INT", "KILL"])

@@ -40,8 +40,8 @@ def add_dashboard_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.add_argument("--dataset", default="offline", help="'offline', a local .txt/.jsonl/.parquet file or folder, or an "
                                                         "HF dataset name (default: offline)")
     p.add_argument("--tokens", type=token_count(1), default=200_000, help="tokens to analyse (default: 200000)")
-    p.add_argument("--features", default="0-99", help="features to show: '0-99', '3,7,10-20' or 'all' "
-                                                      "(default: 0-99)")
+    p.add_argument("--features", default=100, help="features to show: '0-99', '3,7,10-20' or 'all' "
+                                                   "(default: the first 100, or all of a smaller SAE)")
     p.add_argument("--out", default="dashboard", help="output directory (default: dashboard/)")
     p.add_argument("--from-extraction", default=None, metavar="DIR",
                    help="use an existing `nnsae extract` output instead of running the model over the dataset")
