@@ -663,6 +663,33 @@ def test_concurrent_starts_one_runs_the_other_is_told(env, tmp_path, monkeypatch
     assert _same_output(out, tmp_path / "reference")
 
 
+@pytest.mark.parametrize("command", ["train", "extract", "dashboard"])
+def test_a_busy_output_folder_is_one_line(command, env, tmp_path, capsys):
+    """Another job holds the folder's lock (a second open file description conflicts even in this process)."""
+    from nnsae.rundir import locked
+
+    out = tmp_path / "busy"
+    argv = {"train": [*TRAIN(env), *DATA(env), "--out", str(out)],
+            "extract": ["extract", *M(env), "--sae", str(env.sae), *DATA(env), "--tokens", "64", "--out", str(out)],
+            "dashboard": ["dashboard", *M(env), "--sae", str(env.sae), *DATA(env), "--tokens", "64", "--quiet",
+                          "--out", str(out)]}[command]
+    with locked(out, "another job"):
+        code, lines, err = run_cli(argv, capsys)
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert "is in use" in lines[0] and "another job" in lines[0], lines[0]
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written beside the lock
+
+
+def test_evaluate_out_folder_writes_one_file_per_sae_even_on_one_hook(tmp_path, hf):
+    saes = [make_sae(d_sae=32), make_sae(d_sae=48, seed=1)]  # two widths on one hook: the usual comparison
+    records = nnsae.evaluate(hf, saes, TEXTS, tokenizer=tiny_tokenizer(), context_size=16, n_tokens=64,
+                             n_ce_tokens=0, out=tmp_path / "evals", progress=False)
+    files = sorted((tmp_path / "evals").glob("*.json"))
+    assert len(files) == 2
+    assert sorted(json.loads(f.read_text())["sae_cfg"]["d_sae"] for f in files) == [32, 48]
+    assert [r["sae_cfg"]["d_sae"] for r in records] == [32, 48]
+
+
 # ---- read-only and full disks (tmpfs; tests run as root) --------------------------------------------------------
 
 
