@@ -429,6 +429,10 @@ def test_a_corrupted_shard_or_statistics_file_is_refused(tmp_path, hf):
         nnsae.load_features(out, format="table")
     with pytest.raises(ValueError, match=re.escape(str(shard))):
         _extraction(tmp_path / "x", hf)  # resume
+    with pytest.raises(ValueError, match=re.escape(str(shard))):
+        nnsae.dashboard(None, None, out=tmp_path / "site", from_extraction=out, tokenizer=tiny_tokenizer(),
+                        progress=False)
+    assert not (tmp_path / "site").exists()
     out = _extraction(tmp_path / "y", hf)
     (name,) = [p.stem for p in (out / "stats").glob("*.safetensors")]
     _flip_a_byte(out / "stats" / f"{name}.safetensors")

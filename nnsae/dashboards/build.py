@@ -17,7 +17,7 @@ from nnsae.dashboards.logits import LogitEffectsUnavailable, logit_lens
 from nnsae.dashboards.schema import SCHEMA, SCHEMA_VERSION
 from nnsae.dashboards.tokens import TokenRenderer, display
 from nnsae.data import OFFLINE
-from nnsae.extract import extract, sae_fingerprint, sae_names
+from nnsae.extract import Extraction, extract, sae_fingerprint, sae_names
 from nnsae.io.files import atomic_write
 from nnsae.neuronpedia import neuronpedia_page_url
 from nnsae.rundir import claim, locked, write_json
@@ -262,6 +262,7 @@ def dashboard(model: Any, sae_or_saes: SAE | Sequence[SAE] | Mapping[str, SAE] |
     if from_extraction is not None:  # read (and its names checked) before anything is written
         extraction_dir = Path(from_extraction)
         pairs = _match_extraction(named, read_manifest(extraction_dir), extraction_dir)
+        Extraction(extraction_dir).verify()  # a shard changed since it was committed is refused, not shown
     claim(out, RECORD, "a dashboard", overwrite)  # before the lock file is made in someone else's directory
     with locked(out, "an nnsae dashboard build"):
         write_json(out / RECORD, {"tool": "nnsae dashboard", "schema_version": SCHEMA_VERSION})
