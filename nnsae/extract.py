@@ -755,13 +755,15 @@ class Extraction:
             raise ValueError(f"{path} is not an nnsae feature-extraction manifest.")
         try:  # every entry read later, checked now: a damaged manifest is one error naming it
             self.sae_names: list[str] = [child_path(self.dir, s["name"]).name for s in self.manifest["saes"]]
-            self.settings: dict[str, Any] = dict(self.manifest["settings"])
+            self.settings: dict[str, Any] = self.manifest["settings"]
             self.complete = bool(self.manifest["complete"])
             self.shards: list[dict[str, Any]] = self.manifest["shards"]
-            for shard in self.shards:
-                if not all(isinstance(shard[k], t) for k, t in (("file", str), ("bytes", int), ("sha256", str))):
-                    raise TypeError(f"the shard entry {str(shard)[:80]}")
-            dict(self.manifest["stats_state"]["files"])
+            kinds = [(self.settings, dict), (self.shards, list), (self.manifest["stats_state"]["files"], dict)]
+            kinds += [(shard[k], t) for shard in self.shards for k, t in (("file", str), ("bytes", int),
+                                                                          ("sha256", str))]
+            wrong = next((value for value, kind in kinds if not isinstance(value, kind)), None)
+            if wrong is not None:
+                raise TypeError(f"{str(wrong)[:60]!r} has the wrong type")
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path} is damaged (an entry is missing or of the wrong type: {type(e).__name__} {e}); "
                              "it was modified outside nnsae. Run the extraction again into a new directory, or with "

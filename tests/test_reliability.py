@@ -123,6 +123,8 @@ CLI_CASES: list[tuple[str, Callable[[SimpleNamespace], list[str]], int, str]] = 
                                             "--context-size", "0", "--out", str(e.dir / "x0")], 1, "context_size"),
     ("extract an SAE of the wrong width", lambda e: ["extract", *M(e), "--sae", str(e.sae), "--sae", str(e.sae32),
                                                      *DATA(e), "--out", str(e.dir / "x0")], 1, "d_in=32"),
+    ("train --name that is a path", lambda e: [*TRAIN(e), *DATA(e), "--name", "../escape", "--out",
+                                               str(e.dir / "t0")], 1, "cannot be used as a file name"),
     ("train --tokens 0", lambda e: [*TRAIN(e), *DATA(e), "--tokens", "0", "--out", str(e.dir / "t0")], 1,
      "training_tokens"),
     ("train --lr nan", lambda e: [*TRAIN(e), *DATA(e), "--lr", "nan", "--out", str(e.dir / "t0")], 1, "lr"),
@@ -449,6 +451,42 @@ def test_a_truncated_statistics_state_is_named_on_resume(tmp_path, hf):
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(ValueError, match=re.escape(str(state))):
         _extraction(tmp_path / "x", hf, n_tokens=64)
+
+
+MANIFEST_DAMAGE: list[tuple[str, Callable[[dict], Any]]] = [
+    ("a list", lambda m: [m]),
+    ("no saes", lambda m: {k: v for k, v in m.items() if k != "saes"}),
+    ("saes a number", lambda m: dict(m, saes=3)),
+    ("a shard entry a number", lambda m: dict(m, shards=[1])),
+    ("a shard's bytes a string", lambda m: dict(m, shards=[dict(m["shards"][0], bytes="12")])),
+    ("no settings", lambda m: {k: v for k, v in m.items() if k != "settings"}),
+    ("stats_state files a list", lambda m: dict(m, stats_state=dict(m["stats_state"], files=[]))),
+]
+
+
+@pytest.mark.parametrize("damage", MANIFEST_DAMAGE, ids=[d[0] for d in MANIFEST_DAMAGE])
+def test_a_damaged_extraction_manifest_is_one_error_naming_it(damage, tmp_path, hf):
+    out = _extraction(tmp_path / "x", hf, n_tokens=64)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(damage[1](manifest)))
+    for call in (lambda: nnsae.load_features(out, format="table"), lambda: _extraction(out, hf, n_tokens=64),
+                 lambda: nnsae.dashboard(None, None, out=tmp_path / "site", from_extraction=out,
+                                         tokenizer=tiny_tokenizer(), progress=False)):
+        with pytest.raises(ValueError, match=re.escape(str(out / "manifest.json"))):
+            call()
+    assert not (tmp_path / "site").exists()
+    _extraction(out, hf, n_tokens=64, overwrite=True)  # told to: starts again
+    assert nnsae.load_features(out, format="table").num_rows == 64
+
+
+@pytest.mark.parametrize("record", [[], "text", 3])
+def test_a_run_json_that_is_not_a_record_is_named(record, tmp_path):
+    from tests.test_train_resume import SlowStore, make_configs
+
+    train(None, make_configs()[:1], SlowStore(), tmp_path, progress=False)
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "run.json"))):
+        train(None, make_configs()[:1], SlowStore(), tmp_path, resume=True, progress=False)
 
 
 # ---- output folders: ownership and names ------------------------------------------------------------------------
