@@ -504,15 +504,20 @@ def test_resuming_an_extraction_keeps_files_it_did_not_write(tmp_path, hf):
     assert {path: path.read_text() for path in mine} == mine
 
 
-def test_train_resume_with_other_data_is_refused(env, tmp_path, capsys):
-    argv = [*TRAIN(env), "--tokens", "256", *DATA(env), "--out", str(tmp_path / "t")]
-    assert run_cli(argv, capsys)[0] == 0
-    other = tmp_path / "other.jsonl"
-    other.write_text(json.dumps({"text": "Something else entirely. " * 20}))
-    code, lines, err = run_cli([*TRAIN(env), "--tokens", "256", "--dataset", str(other), "--context-size", "16",
-                                "--out", str(tmp_path / "t"), "--resume"], capsys)
-    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
-    assert "different" in lines[0] and "dataset" in lines[0], lines[0]
+def test_train_resume_with_another_model_data_or_context_is_refused(env, tmp_path, capsys):
+    base = [*TRAIN(env), "--tokens", "256", "--out", str(tmp_path / "t")]
+    assert run_cli([*base, *DATA(env)], capsys)[0] == 0
+    other_data = tmp_path / "other.jsonl"
+    other_data.write_text(json.dumps({"text": "Something else entirely. " * 20}))
+    other_model = tmp_path / "other-model"
+    tiny_model("llama", seed=1).save_pretrained(other_model)
+    tiny_tokenizer().save_pretrained(other_model)
+    for change, needle in ((["--dataset", str(other_data), "--context-size", "16"], "dataset"),
+                           ([*DATA(env)[:2], "--context-size", "8"], "context_size"),
+                           ([*DATA(env), "--model", str(other_model)], "model")):
+        code, lines, err = run_cli([*base, *change, "--resume"], capsys)
+        assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+        assert "different" in lines[0] and needle in lines[0], lines[0]
 
 
 def test_dashboard_never_touches_a_foreign_folder_unless_told(tmp_path, hf):
