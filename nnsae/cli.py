@@ -11,18 +11,22 @@ from pathlib import Path
 
 import torch
 
-from nnsae.cli_args import load_sae_arg
+from nnsae.cli_args import Parser, boolean, check_device, load_model_arg, load_sae_arg, token_count
 from nnsae.dashboards.cli import add_dashboard_command
 from nnsae.evals import evaluate
 from nnsae.extract import extract
 from nnsae.harvest import KEEP_FREED_HEAP_ENV, ActivationStore
 from nnsae.io.registry import list_pretrained, list_sae_ids
-from nnsae.models import load_model
-from nnsae.training import TrainConfig, train
+from nnsae.rundir import RunLocked
+from nnsae.training import TrainConfig, TrainingDiverged, TrainingInterrupted, train
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
     sae = load_sae_arg(args.src, dtype=args.dtype, format=args.format)
+    dst = Path(args.dst)
+    if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
+        raise ValueError(f"{dst} is not empty: refusing to write the converted SAE into it. Use a new or empty "
+                         "directory, or --overwrite (replaces cfg.json and the weights there).")
     weights, cfg = sae.save_model(args.dst)
     print(f"Wrote {sae.cfg.architecture} SAE (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}) in SAELens layout: "
           f"{cfg}, {weights}")
@@ -39,10 +43,10 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model_arg(args.model, device=args.device)
     saes = [load_sae_arg(spec, device=args.device) for spec in args.sae]
-    records = evaluate(model, saes, args.dataset, tokenizer=tokenizer, n_tokens=int(args.tokens),
-                       n_ce_tokens=int(args.ce_tokens) if args.ce_tokens else None, context_size=args.context_size,
+    records = evaluate(model, saes, args.dataset, tokenizer=tokenizer, n_tokens=args.tokens,
+                       n_ce_tokens=args.ce_tokens or None, context_size=args.context_size,
                        batch_size_prompts=args.batch_size_prompts, split=args.split, out=args.out, plots=args.plots)
     for spec, record in zip(args.sae, records):
         m = record["metrics"]
@@ -70,8 +74,7 @@ def _train_config_arguments(parser: argparse.ArgumentParser) -> None:
         hint = str(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         if "bool" in hint:
-            kind = lambda v: v.lower() in ("1", "true", "yes")  # noqa: E731
-            parser.add_argument(*flags, type=kind, default=default, metavar="BOOL", help=f"(default {default})")
+            parser.add_argument(*flags, type=boolean, default=default, metavar="BOOL", help=f"(default {default})")
         elif "list" in hint:
             parser.add_argument(*flags, type=int, nargs="*", default=default, help=f"(default {default})")
         else:
@@ -85,21 +88,26 @@ def cmd_train(args: argparse.Namespace) -> None:
     values["device"] = args.device
     cfgs = [TrainConfig(**{**values, "hook": hook, "name": values["name"] if len(args.hook) == 1 else None})
             for hook in args.hook]
-    model, tokenizer = load_model(args.model, device=args.device)
-    store = ActivationStore(model, args.hook, args.dataset, tokenizer=tokenizer, context_size=args.context_size or 128,
+    model, tokenizer = load_model_arg(args.model, device=args.device)
+    store = ActivationStore(model, args.hook, args.dataset, tokenizer=tokenizer, context_size=_context_size(args),
                             batch_size_tokens=args.batch_size_tokens, split=args.split or "train")
-    saes = train(model, cfgs, store, args.out, resume=args.resume)
+    saes = train(model, cfgs, store, args.out, resume=args.resume, overwrite=args.overwrite)
     for name in saes:
         print(f"Wrote {Path(args.out) / name}")
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model_arg(args.model, device=args.device)
     saes = [load_sae_arg(spec, device=args.device) for spec in args.sae]
-    out = extract(model, saes, args.dataset, args.out, tokenizer=tokenizer, context_size=args.context_size or 128,
+    out = extract(model, saes, args.dataset, args.out, tokenizer=tokenizer, context_size=_context_size(args),
                   batch_size_prompts=args.batch_size_prompts, top_k=args.top_k or None, threshold=args.threshold,
-                  n_tokens=int(args.tokens) if args.tokens else None, split=args.split or "train")
+                  n_tokens=args.tokens, split=args.split or "train",
+                  overwrite=args.overwrite)
     print(f"Wrote {out}")
+
+
+def _context_size(args: argparse.Namespace) -> int:
+    return 128 if args.context_size is None else args.context_size  # 0 is an error to report, not "the default"
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
@@ -116,7 +124,9 @@ def _cuda() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nnsae", description="Sparse autoencoders on Hugging Face models.")
+    parser = Parser(prog="nnsae", description="Sparse autoencoders on Hugging Face models.")
+    parser.add_argument("--debug", action="store_true", help="show the full Python traceback of an error (this flag "
+                                                             "may also follow the subcommand)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="write any supported SAE format as a SAELens-layout directory")
@@ -125,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output directory")
     p.add_argument("--format", default=None, help="source format (default: detected)")
     p.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("list", help="list pretrained SAE releases, or the SAE ids of one release")
@@ -139,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size-tokens", type=int, default=4096)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (another run, or files "
+                                                            "nnsae did not write)")
     _train_config_arguments(p)
     p.set_defaults(func=cmd_train)
 
@@ -146,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(p)
     p.add_argument("--sae", action="append", required=True, help="SAE directory or RELEASE:SAE_ID (repeatable; "
                                                                   "SAEs share one harvest pass)")
-    p.add_argument("--tokens", type=float, default=100_000, help="tokens for the activation metrics")
-    p.add_argument("--ce-tokens", type=float, default=20_000, help="tokens for CE/KL (0 skips them)")
+    p.add_argument("--tokens", type=token_count(1), default=100_000, help="tokens for the activation metrics")
+    p.add_argument("--ce-tokens", type=token_count(0), default=20_000, help="tokens for CE/KL (0 skips them)")
     p.add_argument("--batch-size-prompts", type=int, default=8)
     p.add_argument("--out", default="eval.json", help="a .json file, or a folder for one JSON per SAE")
     p.add_argument("--plots", action="store_true", help="also write L0 and feature-density histograms (PNG)")
@@ -159,23 +172,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sae", action="append", required=True, help="SAE directory or RELEASE:SAE_ID (repeatable; "
                                                                   "one model pass for all)")
     p.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
-    p.add_argument("--tokens", type=float, default=None, help="stop after this many tokens (default: whole dataset)")
+    p.add_argument("--tokens", type=token_count(1), default=None,
+                   help="stop after this many tokens (default: whole dataset)")
     p.add_argument("--top-k", type=int, default=64, help="features kept per token (0: all above --threshold)")
     p.add_argument("--threshold", type=float, default=0.0)
     p.add_argument("--batch-size-prompts", type=int, default=8)
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (another extraction, or files "
+                                                            "nnsae did not write)")
     p.set_defaults(func=cmd_extract)
 
     add_dashboard_command(sub)
     return parser
 
 
+# Errors a user can cause (bad arguments, files, devices, a busy or foreign --out): one line on stderr, exit code 1.
+# Anything else is a bug and keeps its traceback.
+ANTICIPATED = (ValueError, OSError, ImportError, RunLocked, TrainingDiverged, torch.cuda.OutOfMemoryError)
+
+
+def _one_line(error: BaseException) -> str:
+    """The error on one line, with the library's keyword advice given as the command's flags."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    return text.replace("overwrite=True", "--overwrite").replace("train(..., resume=True)", "--resume").replace(
+        "resume=True", "--resume")
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault(KEEP_FREED_HEAP_ENV, "1")  # this process is nnsae's own (see nnsae.harvest)
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
+        if hasattr(args, "device"):
+            check_device(args.device)
         args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except TrainingInterrupted:
+        if debug:
+            raise
+        print(f"nnsae train: interrupted; a checkpoint was written to {args.out}. Run the same command with --resume "
+              "to continue.", file=sys.stderr)
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("nnsae: interrupted.", file=sys.stderr)
+        raise SystemExit(130) from None
+    except ANTICIPATED as e:
+        if debug:
+            raise
+        print(f"error: {_one_line(e)} (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -140,6 +140,7 @@ class SAEConfig:
     d_out: int | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if isinstance(self.metadata, dict):
             self.metadata = SAEMetadata(**self.metadata)
         self.dtype = dtype_name(self.dtype)
@@ -177,6 +178,10 @@ class SAEConfig:
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> SAEConfig:
         """Build from a SAELens cfg.json dict (6.x, or pre-6.0 which is migrated first)."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"an SAE config must be a JSON object, got {type(cfg).__name__} ({_show(cfg)}).")
+        if not isinstance(cfg.get("metadata", {}), dict):
+            raise ValueError(f"'metadata' must be a JSON object, got {type(cfg['metadata']).__name__}.")
         cfg = migrate_legacy_config(cfg)
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in cfg.items() if k in known and k != "metadata"}
@@ -184,6 +189,30 @@ class SAEConfig:
         if missing:
             raise ValueError(f"SAE config is missing required field(s) {missing}.")
         return cls(**values, metadata=SAEMetadata(**cfg.get("metadata", {})))
+
+
+# Each field's JSON type, checked strictly: `"no"` for a bool or `"4"` for an int is an error, not a truthy value.
+_FIELD_TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
+    "d_in": ("an integer", (int,)), "d_sae": ("an integer", (int,)), "k": ("an integer or null", (int, type(None))),
+    "d_out": ("an integer or null", (int, type(None))), "device": ("a string", (str, torch.device)),
+    "apply_b_dec_to_input": ("true or false", (bool,)),
+    "rescale_acts_by_decoder_norm": ("true or false", (bool,)), "normalize_activations": ("a string", (str,)),
+    "reshape_activations": ("a string", (str,)), "architecture": ("a string", (str,)),
+    "metadata": ("a JSON object", (dict, SAEMetadata)),
+}
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _check_types(cfg: SAEConfig) -> None:
+    for name, (expected, types) in _FIELD_TYPES.items():
+        value = getattr(cfg, name)
+        integer_field = int in types
+        if not isinstance(value, types) or (integer_field and isinstance(value, bool)):
+            raise ValueError(f"{name!r} must be {expected}, got {_show(value)}.")
 
 
 def _is_legacy(cfg: dict[str, Any]) -> bool:

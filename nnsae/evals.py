@@ -158,6 +158,11 @@ def evaluate(model: Any, saes: SAE | Sequence[SAE], dataset: Any = OFFLINE, *, t
     items = [saes] if isinstance(saes, SAE) else list(saes)
     if not items:
         raise ValueError("evaluate() needs at least one SAE.")
+    for arg, value, least in (("n_tokens", n_tokens, 1), ("n_ce_tokens", n_ce_tokens, 0),
+                              ("batch_size_prompts", batch_size_prompts, 1), ("context_size", context_size, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ValueError(f"evaluate(): {arg} must be a whole number >= {least}, got {value!r}"
+                             + (" (n_ce_tokens=None or 0 skips CE/KL)." if arg == "n_ce_tokens" else "."))
     if out is not None:
         check_writable(Path(out).parent if Path(out).suffix == ".json" else Path(out))
     nn_model = as_nnsight(model)
@@ -168,6 +173,11 @@ def evaluate(model: Any, saes: SAE | Sequence[SAE], dataset: Any = OFFLINE, *, t
     specs = [resolve_hook(nn_model, sae) for sae in items]
     points = [p for spec in specs for p in (spec.read, spec.write)]
     harvester = Harvester(nn_model, points)
+    for sae, spec, width in zip(items, specs, harvester.widths[::2]):  # checked now, not after the first batch
+        if width != sae.cfg.d_in and not (sae.cfg.reshape_activations == "hook_z" and sae.reshapes_input):
+            raise ValueError(f"The SAE for {sae.cfg.metadata.hook_name or spec.read.module!r} has d_in="
+                             f"{sae.cfg.d_in} but the activation at {spec.read.module}.{spec.read.io} has width "
+                             f"{width}.")
     specials = special_token_ids(tokenizer if tokenizer is not None else unwrap_model(nn_model).config)
     excluded = torch.tensor(sorted(specials) if exclude_special_tokens else [], dtype=torch.long)
     device = next(unwrap_model(nn_model).parameters()).device
@@ -198,8 +208,11 @@ def evaluate(model: Any, saes: SAE | Sequence[SAE], dataset: Any = OFFLINE, *, t
         seen += tokens.numel()
         bar.update(tokens.numel())
     bar.close()
-    if seen == 0:
-        raise ValueError(f"Dataset {dataset!r} (split {split!r}) gave no complete chunk of {context_size} tokens.")
+    if seen == 0 or not all(stat.tokens for stat in stats):
+        shown = repr(dataset) if isinstance(dataset, str) else f"({type(dataset).__name__})"
+        raise ValueError(f"Dataset {shown} (split {split!r}) gave no complete chunk of {context_size} tokens"
+                         + (" with a token that is not a special token" if seen else "")
+                         + ": use a longer dataset or a smaller context_size.")
 
     records = []
     for sae, stat, parts in zip(items, stats, ce_parts):

@@ -539,7 +539,13 @@ def _open_manifest(out: Path, header: dict[str, Any], overwrite: bool) -> dict[s
                       "stats_state": {"shards_done": 0, "files": {}}, "stats": {}}
     if not claim(out, MANIFEST, "an extraction", overwrite):
         return fresh
-    existing = Extraction(out)
+    try:
+        existing = Extraction(out)
+    except ValueError:  # a damaged manifest: with overwrite, start again (_clean deletes the files it names so)
+        if not overwrite:
+            raise
+        (out / MANIFEST).unlink()
+        return fresh
     try:
         check_identity(out, _comparable(existing.manifest), _comparable(header), "an extraction",
                        "Use a new output directory (--out), overwrite=True to replace it, or call again with the "
@@ -739,10 +745,21 @@ class Extraction:
         self.manifest: dict[str, Any] = read_json(path)
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             raise ValueError(f"{path} is not an nnsae feature-extraction manifest.")
-        self.sae_names: list[str] = [child_path(self.dir, s["name"]).name for s in self.manifest["saes"]]
-        self.settings: dict[str, Any] = self.manifest["settings"]
-        self.complete = bool(self.manifest["complete"])
-        self.shards: list[dict[str, Any]] = self.manifest["shards"]
+        try:  # every entry read later, checked now: a damaged manifest is one error naming it
+            self.sae_names: list[str] = [child_path(self.dir, s["name"]).name for s in self.manifest["saes"]]
+            self.settings: dict[str, Any] = self.manifest["settings"]
+            self.complete = bool(self.manifest["complete"])
+            self.shards: list[dict[str, Any]] = self.manifest["shards"]
+            kinds = [(self.settings, dict), (self.shards, list), (self.manifest["stats_state"]["files"], dict)]
+            kinds += [(shard[k], t) for shard in self.shards for k, t in (("file", str), ("bytes", int),
+                                                                          ("sha256", str))]
+            wrong = next((value for value, kind in kinds if not isinstance(value, kind)), None)
+            if wrong is not None:
+                raise TypeError(f"{str(wrong)[:60]!r} has the wrong type")
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path} is damaged (an entry is missing or of the wrong type: {type(e).__name__} {e}); "
+                             "it was modified outside nnsae. Run the extraction again into a new directory, or with "
+                             "overwrite=True.") from None
 
     def path(self, relative: str) -> Path:
         """A file the manifest names (`shards/shard-000000.parquet`), checked to stay inside the directory."""
@@ -777,6 +794,10 @@ class Extraction:
         edges = torch.tensor(self.settings["histogram_edges"], dtype=torch.float64)
         final = self.dir / STATS / f"{sae_name}.safetensors"
         if self.complete and final.is_file():
+            recorded = (self.manifest.get("stats") or {}).get(sae_name, {}).get("sha256")
+            if recorded is not None and sha256_file(final) != recorded:
+                raise ValueError(f"{final} does not match the sha256 recorded in {self.dir / MANIFEST}: the file was "
+                                 "modified or damaged outside nnsae. Run the extraction again into a new directory.")
             tensors = read_safetensors(final)
         else:
             file = self.manifest["stats_state"]["files"].get(sae_name)
@@ -803,6 +824,7 @@ def load_features(out_dir: str | Path, *, format: str = "dataset", columns: Sequ
         raise ValueError(f"format={format!r} must be 'dataset' or 'table'.")
     if not extraction.shards:
         raise ValueError(f"{extraction.dir} has no committed shards yet.")
+    extraction.verify()  # a shard changed since it was committed (same size or not) is refused, not read
     if format == "table":
         return pa.concat_tables([pq.read_table(f, columns=columns) for f in extraction.shard_files])
     import datasets

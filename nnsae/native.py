@@ -2,8 +2,9 @@
 
 No build step and no torch headers: a kernel is plain C++ over raw pointers (a one-second compile), cached under
 `$NNSAE_CACHE` (default `~/.cache/nnsae`) per source, compiler flags and CPU, since `-march=native` code must not
-run on another CPU. Without a compiler (or with `NNSAE_NATIVE=0`) `library()` is None and callers use their plain
-torch path, which computes the same results. Callers pass the loaded `Kernels` along as an argument, so SAE code
+run on another CPU, and checked against its recorded size and sha256 before it is loaded (a damaged one is rebuilt).
+Without a compiler (or with `NNSAE_NATIVE=0`) `library()` is None and callers use their plain torch path, which
+computes the same results. Callers pass the loaded `Kernels` along as an argument, so SAE code
 shipped by value to a remote server never references this module (ctypes, subprocess) and runs in pure torch there.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from nnsae.io.files import cache_dir
+from nnsae.rundir import fsync_dir, safe_name, sha256_file, write_json
 
 _SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
@@ -110,9 +113,12 @@ def _cpu_signature() -> str:
     return f"{platform.machine()}|{platform.processor()}|{flags.strip()}"
 
 
-def _compile(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".so")
+def _compile(compiler: str, record: Path) -> Path:
+    """Build the library into a temp file, fsync it, move it to a name holding its own sha256 (so no file in the
+    cache is ever rewritten), then write `record` (its name, size and sha256) atomically: a crash at any moment
+    leaves either no record or a record of a complete, durable library."""
+    record.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=".tmp-", suffix=".so")
     os.close(fd)
     try:
         errors = []
@@ -120,13 +126,40 @@ def _compile(compiler: str, target: Path) -> None:
             run = subprocess.run([compiler, *_FLAGS, *arch, *map(str, _SOURCES), "-o", tmp], capture_output=True,
                                  text=True)
             if run.returncode == 0:
-                os.replace(tmp, target)  # atomic: concurrent first uses each build, one file wins
-                return
+                break
             errors.append(run.stderr.strip())
-        raise RuntimeError("\n".join(errors))
+        else:
+            raise RuntimeError("\n".join(errors))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        digest, size = sha256_file(Path(tmp)), os.path.getsize(tmp)
+        library_path = record.parent / f"{record.stem}-{digest[:16]}.so"
+        os.replace(tmp, library_path)  # concurrent first uses each build; equal names hold equal bytes
+        fsync_dir(record.parent)
+        write_json(record, {"file": library_path.name, "size": size, "sha256": digest})
+        return library_path
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _cached(record: Path) -> Path | None:
+    """The library `record` names if it is there whole (size and sha256 as recorded), else None (warning when a
+    recorded library is damaged: it is rebuilt, never loaded, since mapping a truncated library kills the process
+    with SIGBUS)."""
+    try:
+        entry = json.loads(record.read_text())
+        library_path = record.parent / safe_name(entry["file"])
+        if library_path.stat().st_size == entry["size"] and sha256_file(library_path) == entry["sha256"]:
+            return library_path
+    except FileNotFoundError:
+        if not record.exists():
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    warnings.warn(f"nnsae: the cached native kernels recorded in {record} are damaged (size or sha256 differ); "
+                  "rebuilding them.", RuntimeWarning, stacklevel=4)
+    return None
 
 
 def _load() -> Kernels | None:
@@ -136,10 +169,8 @@ def _load() -> Kernels | None:
     try:
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + " ".join(_FLAGS).encode()
                                 + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
-        target = cache_dir("native") / f"kernels-{digest}.so"
-        if not target.exists():
-            _compile(compiler, target)
-        lib = ctypes.CDLL(str(target))
+        record = cache_dir("native") / f"kernels-{digest}.json"
+        lib = ctypes.CDLL(str(_cached(record) or _compile(compiler, record)))
     except (OSError, RuntimeError) as error:
         warnings.warn(f"nnsae: native kernels unavailable ({error}); using the torch path (same results, slower). "
                       "Set NNSAE_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=3)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 TMP_PREFIX = ".tmp-"  # every temp file a run writes starts with this, so a restart can recognise and delete strays
@@ -84,7 +85,14 @@ def write_json(path: Path, data: Any, indent: int | None = 2) -> None:
 
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp)
+        except SafetensorError as e:  # e.g. a full disk: an OSError naming the file, as every other write gives
+            raise OSError(f"Cannot write {path}: {e}") from None
+
+    atomic_write(path, write)
 
 
 def sha256_file(path: Path) -> str:

@@ -3,7 +3,12 @@ The bf16 candidate selection runs twice: by the native kernel (`nnsae/csrc`) and
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -326,7 +331,7 @@ def test_decoding_sparse_activations_reads_only_their_rows_and_equals_the_dense_
         dense[0, 0] = 1.0  # more than 1/32 non-zero: the dense product
         out_dense = sae.decode(dense)
         assert len(calls) == 1
-        with pytest.raises(RuntimeError):  # a wrong width is refused, not decoded
+        with pytest.raises(ValueError, match="d_sae=512"):  # a wrong width is refused, not decoded
             sae.decode(acts[..., :500])
     torch.testing.assert_close(out.double(), acts.double() @ W + sae.b_dec.double(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_dense.double(), dense.double() @ W + sae.b_dec.double(), atol=1e-5, rtol=1e-5)
@@ -353,3 +358,46 @@ def test_error_term_cancels_the_reconstruction_bit_for_bit_for_every_decoder_pat
     with torch.set_grad_enabled(grad):
         assert torch.equal(sae.reconstruct(x), sae.clean_reconstruct(x))
     assert len(calls) == (2 if sparse and not grad else 0)  # the clean reconstruction follows the caller's grad mode
+
+
+_LOAD_KERNELS = ("import warnings, sys; warnings.simplefilter('always'); from nnsae import native; "
+                 "lib = native.library(); print('loaded' if lib is not None else 'none')")
+
+
+def test_a_damaged_cached_library_is_rebuilt_never_loaded(tmp_path):
+    """A library truncated in the cache (a crash after the first build) used to kill every later process with
+    SIGBUS; it is now checked against its recorded size and sha256 and rebuilt, in a fresh process each time."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the native kernels cannot be built here")
+    env = dict(os.environ, NNSAE_CACHE=str(tmp_path), NNSAE_NATIVE="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+
+    def load() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _LOAD_KERNELS], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    first = load()
+    assert first.returncode == 0 and first.stdout.strip() == "loaded", first.stderr
+    (record,) = (tmp_path / "native").glob("kernels-*.json")
+    entry = json.loads(record.read_text())
+    library = record.parent / entry["file"]
+    assert library.stat().st_size == entry["size"]
+    for damage in ("truncate", "same size, other bytes", "missing"):
+        if damage == "truncate":
+            library.write_bytes(library.read_bytes()[: entry["size"] // 3])
+        elif damage == "same size, other bytes":
+            data = bytearray(library.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            library.write_bytes(bytes(data))
+        else:
+            library.unlink()
+        run = load()
+        assert run.returncode == 0 and run.stdout.strip() == "loaded", (damage, run.returncode, run.stderr)
+        assert "damaged" in run.stderr and str(record) in run.stderr
+        entry = json.loads(record.read_text())
+        library = record.parent / entry["file"]
+        assert library.stat().st_size == entry["size"]  # a whole library again
+    record.write_text("{not json")
+    run = load()
+    assert run.returncode == 0 and run.stdout.strip() == "loaded" and "damaged" in run.stderr
+    assert not [p for p in record.parent.iterdir() if p.name.startswith(".tmp-")]

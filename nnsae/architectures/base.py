@@ -95,6 +95,9 @@ class SAE(nn.Module):
                 f"Weights do not match a {self.architecture!r} SAE: missing {missing}, unexpected {unexpected}."
             )
         for name, shape in expected.items():
+            if not state_dict[name].is_floating_point():
+                raise ValueError(f"Weight {name!r} has dtype {state_dict[name].dtype}; SAE weights must be floating "
+                                 "point (float32, float16, bfloat16 or float64).")
             if tuple(state_dict[name].shape) != shape:
                 raise ValueError(
                     f"Weight {name!r} has shape {tuple(state_dict[name].shape)} but the config "
@@ -156,6 +159,9 @@ class SAE(nn.Module):
                 self._hooks_enabled, self._caller_grad = previous
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise ValueError(f"SAE input must be a tensor of shape (..., d_in={self.cfg.d_in}), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}.")
         hook_z = self.reshapes_input and self.cfg.reshape_activations == "hook_z"
         width = x.shape[-1] * x.shape[-2] if hook_z and x.dim() >= 2 else x.shape[-1]
         if width != self.cfg.d_in:
@@ -248,6 +254,9 @@ class SAE(nn.Module):
 
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """(..., d_sae) feature activations → reconstruction in the input's space."""
+        if feature_acts.dim() == 0 or feature_acts.shape[-1] != self.cfg.d_sae:
+            raise ValueError(f"decode() expects feature activations of shape (..., d_sae={self.cfg.d_sae}), got "
+                             f"{tuple(feature_acts.shape)}.")
         recons = self._hook("hook_sae_recons", self.decoder_matmul(feature_acts) + self.b_dec)
         return self._reshape_out(self._normalize_out(recons))
 
@@ -329,7 +338,10 @@ class SAE(nn.Module):
         path = Path(path)
         format = format or detect_format(path)
         cfg_dict, state_dict, log_sparsity = load_directory(path, format=format)
-        sae = cls.from_dict(cfg_dict, state_dict, device=device, dtype=dtype)
+        try:
+            sae = cls.from_dict(cfg_dict, state_dict, device=device, dtype=dtype)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"Cannot load the SAE in {path}: {e}") from None
         sae.log_feature_sparsity = log_sparsity
         if format != "saelens" and sae.cfg.normalize_activations == "expected_average_only_in":
             factor = norm_scaling_factor(format, path)

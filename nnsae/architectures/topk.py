@@ -38,7 +38,7 @@ class TopKSAE(SAE):
         """(values, indices) of the k active features per token."""
         values, indices = kernels.dense_topk(pre.reshape(-1, pre.shape[-1]), self.cfg.k, self.absolute)
         values = values if self.absolute else torch.relu(values)
-        return values.view(*pre.shape[:-1], -1), indices.view(*pre.shape[:-1], -1)
+        return values.view(*pre.shape[:-1], values.shape[-1]), indices.view(*pre.shape[:-1], indices.shape[-1])
 
     def decoder_matmul(self, feature_acts: torch.Tensor) -> torch.Tensor:
         if self.cfg.rescale_acts_by_decoder_norm:
@@ -69,7 +69,7 @@ class TopKSAE(SAE):
                                                relu=not self.absolute, scale=scale, weights=weights,
                                                ordered=ordered, native=native)
         values = values if self.absolute else torch.relu(values)
-        return values.view(*sae_in.shape[:-1], -1), indices.view(*sae_in.shape[:-1], -1)
+        return values.view(*sae_in.shape[:-1], values.shape[-1]), indices.view(*sae_in.shape[:-1], indices.shape[-1])
 
     def sparse_decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """`decode` of the activations `sparse_encode` gave, reading only their k rows of W_dec."""
@@ -77,7 +77,7 @@ class TopKSAE(SAE):
             values = values * (1 / self.W_dec.norm(dim=-1)).index_select(0, indices.reshape(-1)).view_as(values)
         flat = kernels.sparse_decode(values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1]),
                                      self.W_dec)
-        recons = self._hook("hook_sae_recons", flat.view(*values.shape[:-1], -1) + self.b_dec)
+        recons = self._hook("hook_sae_recons", flat.view(*values.shape[:-1], flat.shape[-1]) + self.b_dec)
         return self._reshape_out(self._normalize_out(recons))
 
     def __getstate__(self) -> dict:

@@ -57,6 +57,13 @@ def saes(model: Any, saes: SAE | Sequence[SAE] = (), *, reset_saes_end: bool = T
     items = [saes] if isinstance(saes, SAE) else list(saes)
     handles: list[SAEHandle] = []
     suspended: list[SAEHandle] = []
+
+    def undo() -> None:
+        for handle in reversed(handles):
+            handle.detach()
+        for old in reversed(suspended):
+            old.resume()
+
     try:
         for sae in items:
             spec = resolve_hook(model, sae if hook is None else hook)
@@ -65,13 +72,14 @@ def saes(model: Any, saes: SAE | Sequence[SAE] = (), *, reset_saes_end: bool = T
                 suspended.append(old)
             handles.append(attach(model, sae, hook=hook, mode=mode, use_error_term=use_error_term,
                                   exclude_special_tokens=exclude_special_tokens, persistent=True, stack=True))
+    except BaseException:  # all or nothing: a failing SAE leaves the model as it was, whatever reset_saes_end says
+        undo()
+        raise
+    try:
         yield handles
     finally:
         if reset_saes_end:
-            for handle in reversed(handles):
-                handle.detach()
-            for old in reversed(suspended):
-                old.resume()
+            undo()
         else:
             for old in suspended:
                 old.detach()
@@ -107,9 +115,20 @@ def lm_loss(logits: torch.Tensor, tokens: torch.Tensor, per_token: bool = False)
     return -predicted if per_token else -predicted.mean()
 
 
+def _empty_input(tokens: Any) -> bool:
+    """A token tensor without positions, an empty prompt, or a list of empty prompts."""
+    if isinstance(tokens, torch.Tensor):
+        return not tokens.is_floating_point() and (tokens.dim() == 0 or tokens.shape[-1] == 0)
+    if isinstance(tokens, str):
+        return not tokens
+    return isinstance(tokens, (list, tuple)) and bool(tokens) and all(isinstance(t, str) and not t for t in tokens)
+
+
 def _forward(model: Any, args: tuple, kwargs: dict, return_type: str | None, loss_per_token: bool) -> Any:
     if return_type not in RETURN_TYPES:
         raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}.")
+    if _empty_input(args[0] if args else kwargs.get("input_ids")):
+        raise ValueError("The input is empty: pass at least one token (a non-empty prompt or token tensor).")
     seen: list[torch.Tensor] = []
 
     def remember(module: nn.Module, f_args: tuple, f_kwargs: dict) -> None:

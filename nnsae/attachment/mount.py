@@ -330,6 +330,10 @@ def attach(model: Any, sae: SAE, *, hook: str | HookPoint | HookSpec | None = No
         raise ValueError(f"use_error_term=True only applies to mode='splice', not {mode!r}.")
     if not isinstance(sae, SAE):
         raise TypeError(f"nnsae.attach needs an nnsae SAE, got {type(sae).__name__}.")
+    if sae.W_dec.device.type == "meta":
+        raise ValueError("nnsae.attach: the SAE's weights are on the meta device (they hold no values): load them "
+                         "first (SAE.load_from_disk, SAE.from_pretrained, or sae.to_empty(device=...) and "
+                         "load_state_dict).")
     nnsight_model = is_nnsight(model)
     if nnsight_model and getattr(model, "dispatched", True) is False and hasattr(model, "dispatch"):
         model.dispatch()  # modules mounted on a meta model would be dropped at dispatch
@@ -339,6 +343,9 @@ def attach(model: Any, sae: SAE, *, hook: str | HookPoint | HookSpec | None = No
         raise ValueError(f"nnsae.attach: {spec.write.module}.{spec.write.io} is a read-only (normalized) hook point; "
                          "an SAE can only write where the activation can be put back.")
     label = sae_hook_name(sae, spec, hook)
+    if stack and mode != "steer" and any(h.sae is sae for h in occupants(model, spec)):
+        raise ValueError(f"nnsae.attach: this SAE is already attached at {label!r}; stack=True would apply it twice. "
+                         "Detach it first, or attach a copy (copy.deepcopy(sae)) to chain it with itself.")
     in_trace = in_trace_body(model)
     scope = "persistent" if (persistent if persistent is not None else not in_trace) else "trace"
     if scope == "trace" and not in_trace:

@@ -42,6 +42,8 @@ def test_prompt(model: Any, prompt: str, answer: str | Sequence[str], *, saes: S
     bos = tokenizer.bos_token_id
     if prepend_bos and bos is not None and prompt_ids[:1] != [bos]:
         prompt_ids = [bos, *prompt_ids]
+    if not prompt_ids:
+        raise ValueError(f"test_prompt: the prompt {prompt!r} has no tokens.")
     answer_ids = _token_ids(tokenizer, text, add_special_tokens=False)
     if not answer_ids:
         raise ValueError(f"test_prompt: the answer {answers[0]!r} has no tokens.")

@@ -17,11 +17,13 @@ from nnsae.dashboards.logits import LogitEffectsUnavailable, logit_lens
 from nnsae.dashboards.schema import SCHEMA, SCHEMA_VERSION
 from nnsae.dashboards.tokens import TokenRenderer, display
 from nnsae.data import OFFLINE
-from nnsae.extract import extract, sae_fingerprint, sae_names
+from nnsae.extract import Extraction, extract, sae_fingerprint, sae_names
 from nnsae.io.files import atomic_write
 from nnsae.neuronpedia import neuronpedia_page_url
+from nnsae.rundir import claim, locked, write_json
 
 EXTRACTION_DIR = "extraction"
+RECORD = ".nnsae-dashboard.json"  # marks a folder as a dashboard's own output
 
 
 def _clean(x: float) -> float | None:
@@ -225,7 +227,7 @@ def dashboard(model: Any, sae_or_saes: SAE | Sequence[SAE] | Mapping[str, SAE] |
               batch_size_prompts: int = 8, n_top_contexts: int = 20, context_window: int = 16,
               n_quantiles: int = 5, n_per_quantile: int = 5, n_logits: int = 10, n_top_tokens: int = 10,
               seed: int = 0, exclude_special_tokens: bool = True, progress: bool = True,
-              extract_kwargs: dict[str, Any] | None = None) -> Path:
+              extract_kwargs: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Build a static feature dashboard (and its JSON export) for one or more SAEs; returns `out/index.html`.
 
     `model`: an HF causal LM, an nnsight wrapper or a `(model, tokenizer)` pair; it runs the extraction and gives the
@@ -241,6 +243,10 @@ def dashboard(model: Any, sae_or_saes: SAE | Sequence[SAE] | Mapping[str, SAE] |
     Output: one SAE → `out/index.html` and `out/features/{i}.html`; several → `out/{name}/...` per SAE and an
     `out/index.html` listing them. Per SAE also `features/{i}.json` and `features.json`; `out/schema.json` is their
     JSON Schema (see `nnsae.dashboards`).
+
+    `out` must be new, empty or an earlier dashboard (it holds `.nnsae-dashboard.json`); any other non-empty folder
+    is refused unless `overwrite=True`, so the build never replaces files it did not make. One build at a time may
+    write into `out` (a lock).
     """
     if isinstance(model, tuple) and len(model) == 2:
         model, pair_tokenizer = model
@@ -251,43 +257,47 @@ def dashboard(model: Any, sae_or_saes: SAE | Sequence[SAE] | Mapping[str, SAE] |
         raise ValueError("dashboard() needs the model's tokenizer: pass tokenizer=... (or a (model, tokenizer) pair).")
     out = Path(out)
     named = _named(sae_or_saes)
-    if from_extraction is None:
-        if model is None or not named:
-            raise ValueError("dashboard() needs a model and SAEs to run the extraction (or from_extraction=DIR).")
-        objects = [s for _, s in named]
-        given = {g: s for g, s in named} if all(g is not None for g, _ in named) else objects
-        saes = dict(zip(sae_names(given), objects))
-        kwargs = dict(tokenizer=tokenizer, context_size=context_size, batch_size_prompts=batch_size_prompts,
-                      top_k=None, n_tokens=n_tokens, n_top_contexts=n_top_contexts, context_window=context_window,
-                      exclude_special_tokens=exclude_special_tokens, progress=progress)
-        kwargs.update(extract_kwargs or {})
-        try:
-            extraction_dir = Path(extract(model, saes, dataset, out / EXTRACTION_DIR, **kwargs))
-        except ValueError as e:
-            if (out / EXTRACTION_DIR / "manifest.json").is_file() and "different settings" in str(e):
-                raise ValueError(f"{e} (dashboard() keeps its extraction in {out / EXTRACTION_DIR} and reuses it when "
-                                 "called again the same way: delete that folder to start over with new settings, or "
-                                 "use another `out`.)") from None
-            raise
-        pairs = list(saes.items())
-    else:
+    if from_extraction is None and (model is None or not named):
+        raise ValueError("dashboard() needs a model and SAEs to run the extraction (or from_extraction=DIR).")
+    if from_extraction is not None:  # read (and its names checked) before anything is written
         extraction_dir = Path(from_extraction)
-        manifest = read_manifest(extraction_dir)
-        pairs = _match_extraction(named, manifest, extraction_dir)
+        pairs = _match_extraction(named, read_manifest(extraction_dir), extraction_dir)
+        Extraction(extraction_dir).verify()  # a shard changed since it was committed is refused, not shown
+    claim(out, RECORD, "a dashboard", overwrite)  # before the lock file is made in someone else's directory
+    with locked(out, "an nnsae dashboard build"):
+        write_json(out / RECORD, {"tool": "nnsae dashboard", "schema_version": SCHEMA_VERSION})
+        if from_extraction is None:
+            objects = [s for _, s in named]
+            given = {g: s for g, s in named} if all(g is not None for g, _ in named) else objects
+            saes = dict(zip(sae_names(given), objects))
+            kwargs = dict(tokenizer=tokenizer, context_size=context_size, batch_size_prompts=batch_size_prompts,
+                          top_k=None, n_tokens=n_tokens, n_top_contexts=n_top_contexts,
+                          context_window=context_window, exclude_special_tokens=exclude_special_tokens,
+                          progress=progress)
+            kwargs.update(extract_kwargs or {})
+            try:
+                extraction_dir = Path(extract(model, saes, dataset, out / EXTRACTION_DIR, **kwargs))
+            except ValueError as e:
+                if (out / EXTRACTION_DIR / "manifest.json").is_file() and "different settings" in str(e):
+                    raise ValueError(f"{e} (dashboard() keeps its extraction in {out / EXTRACTION_DIR} and reuses "
+                                     "it when called again the same way: delete that folder to start over with new "
+                                     "settings, or use another `out`.)") from None
+                raise
+            pairs = list(saes.items())
 
-    multi = len(pairs) > 1
-    sites = []
-    for name, sae in pairs:
-        site = (out / (name if name != EXTRACTION_DIR else f"{name}_sae")) if multi else out
-        sites.append(build_site(extraction_dir, name, site, sae=sae, model=model, tokenizer=tokenizer,
-                                features=features, n_quantiles=n_quantiles, n_per_quantile=n_per_quantile,
-                                n_logits=n_logits, n_top_tokens=n_top_tokens, seed=seed, root_link=multi,
-                                progress=progress))
-    _write(out / "schema.json", json.dumps(SCHEMA, indent=2, ensure_ascii=False))
-    if multi:
-        _write(out / "index.html", render.root_page(
-            [dict(s, href=f"{Path(s['site']).relative_to(out).as_posix()}/index.html") for s in sites]))
-    return out / "index.html"
+        multi = len(pairs) > 1
+        sites = []
+        for name, sae in pairs:
+            site = (out / (name if name != EXTRACTION_DIR else f"{name}_sae")) if multi else out
+            sites.append(build_site(extraction_dir, name, site, sae=sae, model=model, tokenizer=tokenizer,
+                                    features=features, n_quantiles=n_quantiles, n_per_quantile=n_per_quantile,
+                                    n_logits=n_logits, n_top_tokens=n_top_tokens, seed=seed, root_link=multi,
+                                    progress=progress))
+        _write(out / "schema.json", json.dumps(SCHEMA, indent=2, ensure_ascii=False))
+        if multi:
+            _write(out / "index.html", render.root_page(
+                [dict(s, href=f"{Path(s['site']).relative_to(out).as_posix()}/index.html") for s in sites]))
+        return out / "index.html"
 
 
 __all__ = ["build_site", "dashboard", "feature_record", "index_row", "sae_info"]

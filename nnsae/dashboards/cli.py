@@ -11,31 +11,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nnsae.cli_args import load_sae_arg
+from nnsae.cli_args import load_model_arg, load_sae_arg, token_count
 from nnsae.dashboards.build import dashboard
-from nnsae.models import load_model
-
-
-def _count(text: str) -> int:
-    """'200000', '2e5' or '200_000' → 200000."""
-    try:
-        value = float(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of tokens") from None
-    if value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
-    return int(value)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model_arg(args.model, device=args.device, dtype=args.dtype)
     saes = [load_sae_arg(spec, device=args.device) for spec in args.sae]
     site = dashboard(model, saes if len(saes) > 1 else saes[0], dataset=args.dataset, out=args.out,
                      features=args.features, n_tokens=args.tokens, from_extraction=args.from_extraction,
                      tokenizer=tokenizer, context_size=args.context_size, batch_size_prompts=args.batch_size,
                      n_top_contexts=args.top_contexts, context_window=args.window, n_quantiles=args.quantiles,
                      n_per_quantile=args.per_quantile, exclude_special_tokens=args.exclude_special_tokens,
-                     progress=not args.quiet)
+                     progress=not args.quiet, overwrite=args.overwrite)
     print(f"Dashboard: {Path(site).resolve()} (open it in a browser; it works offline)")
 
 
@@ -51,9 +39,9 @@ def add_dashboard_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
                    help="SAE directory (any supported format) or RELEASE:SAE_ID; repeat for several SAEs")
     p.add_argument("--dataset", default="offline", help="'offline', a local .txt/.jsonl/.parquet file or folder, or an "
                                                         "HF dataset name (default: offline)")
-    p.add_argument("--tokens", type=_count, default=200_000, help="tokens to analyse (default: 200000)")
-    p.add_argument("--features", default="0-99", help="features to show: '0-99', '3,7,10-20' or 'all' "
-                                                      "(default: 0-99)")
+    p.add_argument("--tokens", type=token_count(1), default=200_000, help="tokens to analyse (default: 200000)")
+    p.add_argument("--features", default=100, help="features to show: '0-99', '3,7,10-20' or 'all' "
+                                                   "(default: the first 100, or all of a smaller SAE)")
     p.add_argument("--out", default="dashboard", help="output directory (default: dashboard/)")
     p.add_argument("--from-extraction", default=None, metavar="DIR",
                    help="use an existing `nnsae extract` output instead of running the model over the dataset")
@@ -68,6 +56,8 @@ def add_dashboard_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default="float32", help="model dtype (default: float32)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out that is not an earlier "
+                                                            "dashboard (files with the dashboard's names are replaced)")
     p.set_defaults(func=cmd_dashboard)
     return p
 

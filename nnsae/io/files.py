@@ -32,7 +32,7 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         with open(require(path)) as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated.") from None
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pickle
 import shutil
 import signal
 import threading
@@ -198,6 +199,9 @@ class Trainer:
         if not claim(self.out, RUN_FILE, "a training run", self.overwrite):
             return None
         existing = read_json(self.out / RUN_FILE)
+        if not isinstance(existing, dict):
+            raise ValueError(f"{self.out / RUN_FILE} is not a training-run record (a JSON object): it was modified "
+                             "outside nnsae. Use another output directory, or overwrite=True to start again.")
         mine = self._run_record()
         try:
             check_identity(self.out, {k: existing.get(k) for k in mine}, mine, "a training run", "Use another output "
@@ -393,6 +397,10 @@ class Trainer:
 
     def _finish_early(self) -> None:
         for run in self.runs:
+            if not run.done and run.n_tokens == 0:  # finishing would save an untrained SAE as if it were trained
+                raise ValueError(f"The data gave no activations: {run.name!r} trained on 0 of "
+                                 f"{run.cfg.training_tokens} tokens. Use a dataset with at least one full context "
+                                 "(context_size tokens) per batch, or a smaller context size.")
             if not run.done:
                 warnings.warn(f"The store ran out of data: {run.name!r} trained on {run.n_tokens} of "
                               f"{run.cfg.training_tokens} tokens.", stacklevel=3)
@@ -650,8 +658,13 @@ class Trainer:
             counters = record["saes"][run.name]
             weights = read_safetensors(path / f"{run.name}.weights.safetensors")
             run.model.load_state_dict(weights, strict=True)
-            optimizer_state = torch.load(path / f"{run.name}.optimizer.pt", map_location=run.cfg.device,
-                                         weights_only=True)
+            try:
+                optimizer_state = torch.load(path / f"{run.name}.optimizer.pt", map_location=run.cfg.device,
+                                             weights_only=True)
+            except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+                raise ValueError(f"{path / f'{run.name}.optimizer.pt'} cannot be read ({type(e).__name__}): the "
+                                 f"checkpoint is damaged. Delete {path} to resume from the one before, or start "
+                                 "again with overwrite=True.") from None
             run.optimizer.load_state_dict(optimizer_state)
             run.n_steps, run.n_tokens = counters["n_steps"], counters["n_tokens"]
             run.scaling_factor, run.done = counters["scaling_factor"], counters["done"]

@@ -37,7 +37,12 @@ def load_directory(directory: Path, format: str | None = None, *, sae_id: str | 
                    repo_id: str | None = None) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor | None]:
     """(SAELens cfg dict, state dict, log10 sparsity or None) of the SAE stored in `directory`."""
     directory = Path(directory)
-    return get_format(format or detect_format(directory)).load(directory, sae_id=sae_id, repo_id=repo_id)
+    name = format or detect_format(directory)
+    try:
+        return get_format(name).load(directory, sae_id=sae_id, repo_id=repo_id)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a file with missing entries or wrong types
+        raise ValueError(f"Cannot read the {name} SAE in {directory}: its files are malformed "
+                         f"({type(e).__name__}: {e}).") from e
 
 
 def norm_scaling_factor(name: str, directory: Path) -> float | None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nnsae.config import migrate_legacy_config
+from nnsae.config import SAEConfig, migrate_legacy_config
 from nnsae.io.files import read_json, read_safetensors
 from nnsae.rundir import write_json, write_safetensors
 
@@ -29,7 +29,13 @@ def detect(directory: Path) -> bool:
 
 def load(directory: Path, *, sae_id: str | None = None, repo_id: str | None = None
          ) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor | None]:
-    cfg = migrate_legacy_config(read_json(directory / CFG))
+    cfg = read_json(directory / CFG)
+    try:  # checked here, where the file is known: a wrong type or value names cfg.json and the key
+        SAEConfig.from_dict(cfg)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{directory / CFG}: {e} Fix the file (see the SAELens cfg.json format) or "
+                         "re-save the SAE.") from None
+    cfg = migrate_legacy_config(cfg)
     state_dict = read_safetensors(directory / WEIGHTS)
     _fold_legacy_scaling_factor(state_dict)
     log_sparsity = None
