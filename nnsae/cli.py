@@ -22,6 +22,11 @@ from nnsae.training import TrainConfig, train
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
+    if args.to == "circuit-tracer":
+        from nnsae.circuits.load import convert_to_circuit_tracer
+
+        print(convert_to_circuit_tracer(args.src, args.dst, dtype=args.dtype))
+        return
     sae = load_sae_arg(args.src, dtype=args.dtype, format=args.format)
     weights, cfg = sae.save_model(args.dst)
     print(f"Wrote {sae.cfg.architecture} SAE (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}) in SAELens layout: "
@@ -125,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output directory")
     p.add_argument("--format", default=None, help="source format (default: detected)")
     p.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16")
+    p.add_argument("--to", choices=("saelens", "circuit-tracer"), default="saelens",
+                   help="circuit-tracer: every layer's transcoder under SRC (a training run, or any directory "
+                        "nnsae.circuits.load_transcoders reads) as one transcoder_set / cross_layer_transcoder dir")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("list", help="list pretrained SAE releases, or the SAE ids of one release")

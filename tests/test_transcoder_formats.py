@@ -241,3 +241,41 @@ def test_unknown_directory_names_the_formats(tmp_path):
     (tmp_path / "junk.txt").write_text("x")
     with pytest.raises(ValueError, match="Gemma Scope params.npz"):
         load_transcoders(tmp_path)
+
+
+def test_convert_a_training_run_to_circuit_tracer(tmp_path, capsys):
+    """`nnsae convert RUN DST --to circuit-tracer`: each layer's final transcoder (not its intermediate checkpoints)
+    in circuit-tracer's transcoder_set files, read back here with safetensors and checked against the SAEs."""
+    from safetensors import safe_open
+
+    from nnsae import SAE, SAEConfig
+    from nnsae.cli import main
+
+    run, saes = tmp_path / "run", []
+    for layer in range(N_LAYERS):
+        cfg = SAEConfig(architecture="jumprelu_transcoder", d_in=D, d_sae=N_TC, d_out=D, apply_b_dec_to_input=False)
+        cfg.metadata.hook_name, cfg.metadata.hook_name_out = f"blocks.{layer}.mlp.hook_in", f"blocks.{layer}.hook_mlp_out"
+        sae = SAE.from_config(cfg)
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)
+            sae.threshold.abs_()
+        sae.save_model(run / f"blocks.{layer}.mlp.hook_in")
+        sae.save_model(run / f"blocks.{layer}.mlp.hook_in" / "checkpoints" / "1000")  # an intermediate SAE
+        saes.append(sae)
+    (run / "run.json").write_text("{}")
+    main(["convert", str(run), str(tmp_path / "ct"), "--to", "circuit-tracer"])
+    assert "transcoder_set (3 layers" in capsys.readouterr().out
+    config = yaml.safe_load((tmp_path / "ct" / "config.yaml").read_text())
+    assert (config["model_kind"], config["feature_input_hook"], config["feature_output_hook"]) == (
+        "transcoder_set", "mlp.hook_in", "hook_mlp_out")
+    for layer, sae in enumerate(saes):
+        with safe_open(str(tmp_path / "ct" / f"layer_{layer}.safetensors"), "pt") as f:
+            assert torch.equal(f.get_tensor("W_enc"), sae.W_enc.detach().T)  # [d_transcoder, d_model]
+            assert torch.equal(f.get_tensor("W_dec"), sae.W_dec.detach())
+            assert torch.equal(f.get_tensor("activation_function.threshold"), sae.threshold.detach())
+            assert torch.equal(f.get_tensor("b_dec"), sae.b_dec.detach())
+    back = load_transcoders(tmp_path / "ct")
+    x = torch.randn(4, D)
+    for layer, sae in enumerate(saes):
+        torch.testing.assert_close(back[layer](x), sae(x))

@@ -28,7 +28,7 @@ from nnsae.circuits import foreign
 from nnsae.circuits.transcoders import CrossLayerTranscoder, SingleLayerTranscoder, TranscoderSet, _from_sae
 from nnsae.io.files import read_json
 
-__all__ = ["load_transcoders", "save_transcoders"]
+__all__ = ["convert_to_circuit_tracer", "load_transcoders", "save_transcoders"]
 
 _TL_LAYER_HOOK = re.compile(r"blocks\.(\d+)\.(.+)")
 
@@ -129,10 +129,15 @@ def _per_layer_folders(directory: Path, variant: str | None) -> list[tuple[str, 
             folder = marker.parent
             if folder in found or not all((folder / m).is_file() for m in markers):
                 continue
-            relative = folder.relative_to(directory).as_posix()
-            if variant is None or variant in relative:
+            parts = folder.relative_to(directory).parts
+            # Training intermediates (`checkpoints/`) and hidden / temporary folders are not the run's transcoders.
+            if any(part == "checkpoints" or part.startswith(".") for part in parts):
+                continue
+            if variant is None or variant in "/".join(parts):
                 found[folder] = name
-    return sorted(((name, folder) for folder, name in found.items()), key=lambda item: str(item[1]))
+    # A folder inside another transcoder's folder is not a layer of the set.
+    kept = [(name, folder) for folder, name in found.items() if not any(p in found for p in folder.parents)]
+    return sorted(kept, key=lambda item: str(item[1]))
 
 
 def _inside(root: Path, name: str) -> Path:
@@ -296,6 +301,18 @@ def _read_folder(name: str, folder: Path, directory: Path, device: str | torch.d
         raise ValueError(f"{folder}: no layer in config.json's hf_hook_point_in nor in the folder name (layer_N).")
     return layer, foreign.gemma_scope_2_transcoder(folder / "params.safetensors", device, dtype), \
         foreign.GEMMA_SCOPE_2_HOOKS
+
+
+def convert_to_circuit_tracer(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = None) -> str:
+    """Every layer's transcoder under `src` (a training run of per-layer transcoders in SAELens layout, or anything
+    `load_transcoders` reads) written as one circuit-tracer directory at `dst`; returns a one-line summary."""
+    from nnsae.config import parse_dtype
+
+    transcoders = load_transcoders(src, dtype=parse_dtype(dtype) if dtype else torch.float32)
+    out = save_transcoders(transcoders, dst)
+    kind = "cross_layer_transcoder" if isinstance(transcoders, CrossLayerTranscoder) else "transcoder_set"
+    return (f"Wrote a circuit-tracer {kind} ({transcoders.n_layers} layers, d_transcoder {transcoders.d_transcoder}, "
+            f"{transcoders.feature_input_hook} -> {transcoders.feature_output_hook}) to {out}")
 
 
 def save_transcoders(transcoders: TranscoderSet | CrossLayerTranscoder, path: str | Path) -> Path:
