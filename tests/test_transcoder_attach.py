@@ -15,7 +15,7 @@ import torch
 
 import nnsae
 from nnsae.attachment import run_with_saes
-from nnsae.attachment.transcoders import attach_transcoders, layer_saes, splice_transcoders
+from nnsae.attachment import attach_transcoders, layer_saes, splice_transcoders
 from nnsae.circuits import CrossLayerTranscoder, SingleLayerTranscoder, TranscoderSet
 from tests.test_attach import make_tokenizer
 from tests.tiny_models import D_MODEL, N_LAYERS, tiny_model, tiny_tokens
