@@ -248,7 +248,8 @@ def test_saelens_transcoder_saes_attach_as_a_set():
     saes = []
     for layer in range(N_LAYERS):
         cfg = SAEConfig(architecture="transcoder", d_in=D_MODEL, d_sae=D_TC, d_out=D_MODEL, apply_b_dec_to_input=False)
-        cfg.metadata.hook_name, cfg.metadata.hook_name_out = f"blocks.{layer}.mlp.hook_in", f"blocks.{layer}.hook_mlp_out"
+        cfg.metadata.hook_name = f"blocks.{layer}.mlp.hook_in"
+        cfg.metadata.hook_name_out = f"blocks.{layer}.hook_mlp_out"
         sae = SAE.from_config(cfg)
         with torch.no_grad():
             for p in sae.parameters():

@@ -221,7 +221,7 @@ def test_sparsify_transcoders(tmp_path):
             "activation": "topk", "expansion_factor": 32, "normalize_decoder": True, "num_latents": N_TC, "k": k,
             "multi_topk": False, "skip_connection": True, "transcode": True, "d_in": D}))
         weights.append(w)
-    (run / "config.json").write_text(json.dumps({"model": "HuggingFaceTB/SmolLM2-135M", "hookpoints": ["layers.*.mlp"]}))
+    (run / "config.json").write_text(json.dumps({"model": "HuggingFaceTB/SmolLM2-135M"}))
     tc = load_transcoders(run)
     assert (tc.feature_input_hook, tc.feature_output_hook) == ("mlp.hook_in", "hook_mlp_out")
     x = torch.randn(6, D)
@@ -254,7 +254,8 @@ def test_convert_a_training_run_to_circuit_tracer(tmp_path, capsys):
     run, saes = tmp_path / "run", []
     for layer in range(N_LAYERS):
         cfg = SAEConfig(architecture="jumprelu_transcoder", d_in=D, d_sae=N_TC, d_out=D, apply_b_dec_to_input=False)
-        cfg.metadata.hook_name, cfg.metadata.hook_name_out = f"blocks.{layer}.mlp.hook_in", f"blocks.{layer}.hook_mlp_out"
+        cfg.metadata.hook_name = f"blocks.{layer}.mlp.hook_in"
+        cfg.metadata.hook_name_out = f"blocks.{layer}.hook_mlp_out"
         sae = SAE.from_config(cfg)
         with torch.no_grad():
             for p in sae.parameters():

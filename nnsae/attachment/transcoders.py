@@ -46,9 +46,9 @@ class _SourceActivations:
 class LayerTranscoder(Transcoder):
     """Layer `layer` of a `TranscoderSet` or `CrossLayerTranscoder` as an nnsae SAE (weights shared, not copied).
 
-    `cfg.metadata` names its read and write points (`blocks.L.<feature_input_hook>` → `blocks.L.<feature_output_hook>`),
-    so `nnsae.attach(model, sae)` places it without a hook argument. Its math is the set's own (circuit-tracer's
-    activations, SAELens' ReLU where the transcoder came from SAELens files)."""
+    `cfg.metadata` names its read and write points (`blocks.L.<feature_input_hook>` →
+    `blocks.L.<feature_output_hook>`), so `nnsae.attach(model, sae)` places it without a hook argument. Its math is
+    the set's own (circuit-tracer's activations, SAELens' ReLU where the transcoder came from SAELens files)."""
 
     param_shapes: ClassVar[dict[str, str]] = {}  # the parameters are the set's, registered in __init__
 
