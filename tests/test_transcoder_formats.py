@@ -104,13 +104,14 @@ def test_circuit_tracer_config_listing_gemma_scope_npz_files(tmp_path):
     _close(tc[2](x), _jumprelu_recon(arrays[2], x))
 
 
-def _gemma_scope_2_layer(folder: Path, layer: int, affine: bool) -> dict[str, np.ndarray]:
+def _gemma_scope_2_layer(folder: Path, seed: int, affine: bool, layer: int | None = None) -> dict[str, np.ndarray]:
+    layer = seed if layer is None else layer
     folder.mkdir(parents=True)
-    a = _arrays(20 + layer)
+    a = _arrays(20 + seed)
     tensors = {"w_enc": a["W_enc"], "w_dec": a["W_dec"], "b_enc": a["b_enc"], "b_dec": a["b_dec"],
                "threshold": a["threshold"]}
     if affine:
-        tensors["affine_skip_connection"] = np.random.default_rng(layer).normal(size=(D, D)).astype(np.float32) * .1
+        tensors["affine_skip_connection"] = np.random.default_rng(seed).normal(size=(D, D)).astype(np.float32) * .1
     save_file({k: torch.from_numpy(v) for k, v in tensors.items()}, str(folder / "params.safetensors"))
     (folder / "config.json").write_text(json.dumps({
         "architecture": "jump_relu", "model_name": "gemma-v3-1b-pt", "type": "transcoder",
@@ -125,10 +126,12 @@ def test_gemma_scope_2_per_layer_transcoders(tmp_path, monkeypatch):
     tensors = []
     for layer in range(N_LAYERS):
         tensors.append(_gemma_scope_2_layer(root / f"layer_{layer}_width_16k_l0_small_affine", layer, affine=True))
-        _gemma_scope_2_layer(root / f"layer_{layer}_width_16k_l0_big_affine", layer, affine=True)
+        _gemma_scope_2_layer(root / f"layer_{layer}_width_16k_l0_small", layer + 10, affine=False, layer=layer)
     with pytest.raises(ValueError, match="variant="):
         load_transcoders(root)
     tc = load_transcoders(root, variant="l0_small")
+    assert not tc.skip_connection  # `l0_small`, not `l0_small_affine`
+    tc = load_transcoders(root, variant="l0_small_affine")
     assert tc.skip_connection and (tc.feature_input_hook, tc.feature_output_hook) == ("mlp.hook_in", "hook_mlp_out")
     x = torch.randn(5, D)
     for layer, t in enumerate(tensors):

@@ -254,6 +254,11 @@ def _load_per_layer(directory: Path, candidates: list[tuple[str, Path]], device:
     for name, folder in candidates:
         layer, transcoder, hooks = _read_folder(name, folder, directory, device, dtype)
         by_layer.setdefault(layer, []).append((folder, transcoder, hooks))
+    if variant:  # `variant` names a folder exactly when another one only extends it (`l0_small` / `l0_small_affine`)
+        for layer, entries in by_layer.items():
+            exact = [entry for entry in entries if entry[0].name.endswith(variant)]
+            if len(entries) > 1 and len(exact) == 1:
+                by_layer[layer] = exact
     ambiguous = {layer: [f.relative_to(directory).as_posix() for f, _, _ in entries]
                  for layer, entries in by_layer.items() if len(entries) > 1}
     if ambiguous:
