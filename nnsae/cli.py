@@ -22,6 +22,11 @@ from nnsae.training import TrainConfig, TrainingDiverged, TrainingInterrupted, t
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
+    if args.to == "circuit-tracer":
+        from nnsae.circuits.load import convert_to_circuit_tracer
+
+        print(convert_to_circuit_tracer(args.src, args.dst, dtype=args.dtype))
+        return
     sae = load_sae_arg(args.src, dtype=args.dtype, format=args.format)
     dst = Path(args.dst)
     if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
@@ -136,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=None, help="source format (default: detected)")
     p.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    p.add_argument("--to", choices=("saelens", "circuit-tracer"), default="saelens",
+                   help="circuit-tracer: every layer's transcoder under SRC (a training run, or any directory "
+                        "nnsae.circuits.load_transcoders reads) as one transcoder_set / cross_layer_transcoder dir")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("list", help="list pretrained SAE releases, or the SAE ids of one release")

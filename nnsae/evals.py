@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -338,3 +339,125 @@ def plot_eval(record: dict[str, Any], prefix: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transcoders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_transcoders(model: Any, transcoders: Any, dataset: Any = OFFLINE, *, layers: Sequence[int] | None = None,
+                         replace: Sequence[str | Sequence[int]] | None = None, tokenizer: Any = None,
+                         n_tokens: int = 100_000, n_ce_tokens: int | None = 20_000, context_size: int | None = None,
+                         batch_size_prompts: int = 8, exclude_special_tokens: bool = True, split: str | None = None,
+                         text_column: str | None = None, dense_threshold: float = 0.1,
+                         progress: bool = True) -> dict[str, Any]:
+    """Evaluate a transcoder set, a cross-layer transcoder, or a list of nnsae transcoder SAEs (one per layer).
+
+    Returns ``{"layers": {L: record}, "replacements": {name: metrics}}``:
+    - per layer, `evaluate`'s record of the layer's transcoder against the true MLP output (SAELens' names:
+      ``reconstruction_quality.explained_variance``, ``sparsity.l0``, ``sparsity.dead_features_fraction``, ...) plus
+      ``reconstruction_quality.fraction_of_variance_unexplained`` (1 - explained variance) and
+      ``sparsity.dense_features_fraction`` (latents firing on more than `dense_threshold` of the tokens);
+    - per replacement, SAELens' ``model_performance_preservation`` (CE loss score) and
+      ``model_behavior_preservation`` (KL score) groups with those MLP outputs replaced together (no error term;
+      special tokens passed through when `exclude_special_tokens`) against all of them zero-ablated.
+      `replace` lists ``"each"`` (``layer_L``: one MLP at a time), ``"all"`` (every evaluated layer at once) and
+      explicit layer lists (``layers_1_4``); default ``["each", "all"]`` for a set and ``["all"]`` for a CLT (whose
+      layers only exist together). `n_ce_tokens=None` skips them.
+    A CLT's layers are always evaluated together, in order (layer L's reconstruction needs the layers before it).
+    """
+    from nnsae.attachment.transcoders import layer_saes
+    from nnsae.circuits.transcoders import CrossLayerTranscoder
+
+    clt = isinstance(transcoders, CrossLayerTranscoder)
+    saes = list(transcoders) if isinstance(transcoders, (list, tuple)) else layer_saes(transcoders, layers)
+    if not saes:
+        raise ValueError("evaluate_transcoders() needs at least one layer.")
+    by_layer = {getattr(sae, "layer", _layer_of(sae, i)): sae for i, sae in enumerate(saes)}
+    replace = list(replace) if replace is not None else (["all"] if clt else ["each", "all"])
+    groups: dict[str, list[int]] = {}
+    for item in replace:
+        if item == "each":
+            if clt:
+                raise ValueError("A cross-layer transcoder cannot replace one MLP alone; use replace=['all'].")
+            groups.update({f"layer_{layer}": [layer] for layer in by_layer})
+        elif item == "all":
+            groups["all"] = sorted(by_layer)
+        else:
+            chosen = sorted(int(layer) for layer in item)
+            if any(layer not in by_layer for layer in chosen) or not chosen:
+                raise ValueError(f"replace={chosen}: evaluated layers are {sorted(by_layer)}.")
+            if clt and chosen != sorted(by_layer):
+                raise ValueError("A cross-layer transcoder only replaces all its MLPs together; use replace=['all'].")
+            groups["layers_" + "_".join(map(str, chosen))] = chosen
+
+    ordered = [by_layer[layer] for layer in sorted(by_layer)]
+    records = evaluate(model, ordered, dataset, tokenizer=tokenizer, n_tokens=n_tokens, n_ce_tokens=None,
+                       context_size=context_size, batch_size_prompts=batch_size_prompts,
+                       exclude_special_tokens=exclude_special_tokens, split=split, text_column=text_column,
+                       progress=progress)
+    out: dict[str, Any] = {"layers": {}, "replacements": {}}
+    for layer, record in zip(sorted(by_layer), records):
+        metrics = record["metrics"]
+        metrics["reconstruction_quality"]["fraction_of_variance_unexplained"] = (
+            1.0 - metrics["reconstruction_quality"]["explained_variance"])
+        density = torch.tensor(record["feature_metrics"]["feature_density"])
+        metrics["sparsity"]["dense_features_fraction"] = (density > dense_threshold).double().mean().item()
+        out["layers"][layer] = record
+    if not n_ce_tokens or not groups:
+        return out
+
+    nn_model = as_nnsight(model)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    context_size = context_size or ordered[0].cfg.metadata.context_size or 128
+    split = split or ("test" if dataset == OFFLINE else "train")
+    specials = special_token_ids(tokenizer if tokenizer is not None else unwrap_model(nn_model).config)
+    excluded = torch.tensor(sorted(specials) if exclude_special_tokens else [], dtype=torch.long)
+    device = next(unwrap_model(nn_model).parameters()).device
+    write_points = {layer: resolve_hook(nn_model, sae).write for layer, sae in by_layer.items()}
+    parts = {name: {k: [] for k in ("ce_clean", "ce_sae", "ce_abl", "kl_sae", "kl_abl")} for name in groups}
+    docs = iter_documents(dataset, split=split, text_column=text_column)
+    chunks = pack(docs, tokenizer, context_size, prepend_bos=ordered[0].cfg.metadata.prepend_bos is not False)
+    n_batches = math.ceil(n_ce_tokens / (batch_size_prompts * context_size))
+    for batch in tqdm(itertools.islice(batched(chunks, batch_size_prompts), n_batches), total=n_batches,
+                      disable=not progress, desc="transcoder CE/KL"):
+        tokens = torch.stack([c.tokens for c in batch]).to(device)
+        mask = ~torch.isin(tokens.cpu(), excluded)
+        _add_replacement_ce(nn_model, by_layer, write_points, groups, tokens, mask, exclude_special_tokens, parts)
+    out["replacements"] = {name: _ce_metrics(part) for name, part in parts.items()}
+    return out
+
+
+def _layer_of(sae: SAE, position: int) -> int:
+    """The layer of an nnsae transcoder SAE, from its TransformerLens hook name (else its position in the list)."""
+    match = re.match(r"blocks\.(\d+)\.", sae.cfg.metadata.hook_name or "")
+    return int(match.group(1)) if match else position
+
+
+def _add_replacement_ce(model: Any, by_layer: dict[int, SAE], write_points: dict[int, HookPoint],
+                       groups: dict[str, list[int]], tokens: torch.Tensor, mask: torch.Tensor,
+                       exclude_special_tokens: bool, parts: dict[str, dict[str, list[torch.Tensor]]]) -> None:
+    from nnsae.attachment import run_with_saes
+
+    with torch.no_grad():
+        with model.trace(tokens):
+            clean = _logits(model.output).save()
+        ce_clean = _ce(clean, tokens).cpu()
+        ce_mask, kl_mask = mask[:, :-1], mask
+        for name, layers in groups.items():
+            replaced = run_with_saes(model, tokens, saes=[by_layer[layer] for layer in layers],
+                                     exclude_special_tokens=exclude_special_tokens)
+            with model.trace(tokens):
+                for layer in layers:  # layer order is execution order
+                    point = write_points[layer]
+                    envoy = model.get(point.module)
+                    value = envoy.input if point.io == "input" else envoy.output
+                    (value[0] if isinstance(value, tuple) else value)[:] = 0
+                ablated = _logits(model.output).save()
+            part = parts[name]
+            part["ce_clean"].append(ce_clean[ce_mask])
+            part["ce_sae"].append(_ce(replaced, tokens).cpu()[ce_mask])
+            part["ce_abl"].append(_ce(ablated, tokens).cpu()[ce_mask])
+            part["kl_sae"].append(_kl(clean, replaced).cpu()[kl_mask])
+            part["kl_abl"].append(_kl(clean, ablated).cpu()[kl_mask])

@@ -273,3 +273,77 @@ def _error_bound(xb: torch.Tensor, x: torch.Tensor, t: torch.Tensor, wts: _Bf16W
              + gamma * (norm_xb * wts.bf16_norm + 2 * norm_xa * wts.norm) + u_out * t.abs()
              + (d + 1) * _TINY * (1 + xb32.abs().amax(dim=1) + wts.abs_max))
     return bound * 1.01
+
+
+# ---- dense encoders: bias and activation in one pass ----------------------------------------------------------------
+
+_ACTIVATION_KINDS = {"relu": 0, "jumprelu": 1, "gated": 2}
+
+
+def bias_activation(h: torch.Tensor, b: torch.Tensor, kind: str, *, threshold: torch.Tensor | None = None,
+                    scale: torch.Tensor | None = None, b2: torch.Tensor | None = None,
+                    native: Kernels | None = None) -> torch.Tensor:
+    """The activations of a dense encoder from `h = x @ W_enc` (..., d_sae), computed in place in `h`:
+
+    * ``"relu"``: relu(h + b);
+    * ``"jumprelu"``: relu(z) · 1[z > threshold] with z = h + b;
+    * ``"gated"``: relu(h · scale + b2) · 1[h + b > 0] (b the gate bias, scale = exp(r_mag), b2 the magnitude bias).
+
+    The same float32 operations as the torch formulas (the add, then the comparisons), so the same results bit for
+    bit; `native` (`nnsae.native.library()`) does them in one pass over float32 CPU tensors, rows split over torch's
+    thread count, instead of 2-4 torch passes with temporaries."""
+    if kind not in _ACTIVATION_KINDS:
+        raise ValueError(f"Unknown fused activation {kind!r}; one of {sorted(_ACTIVATION_KINDS)}.")
+    params = [t for t in (b, threshold, scale, b2) if t is not None]
+    if (native is not None and h.device.type == "cpu" and h.dtype == torch.float32 and h.is_contiguous()
+            and all(t.dtype == torch.float32 and t.is_contiguous() and t.device == h.device for t in params)):
+        t = threshold.clamp(min=0) if kind == "jumprelu" else None
+        _native_bias_activation(native, h.view(-1, h.shape[-1]), b, t, scale, b2, _ACTIVATION_KINDS[kind])
+        return h
+    if kind == "relu":
+        return h.add_(b).relu_()
+    if kind == "jumprelu":
+        h.add_(b)
+        return h.masked_fill_(h <= threshold.clamp(min=0), 0)  # z where z > max(θ, 0), NaN kept: relu(z)·1[z > θ]
+    gate = (h + b > 0).to(h.dtype)
+    return h.mul_(scale).add_(b2).relu_().mul_(gate)
+
+
+def _native_bias_activation(native: Kernels, h: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None,
+                            s: torch.Tensor | None, b2: torch.Tensor | None, kind: int) -> None:
+    import ctypes
+
+    fn = native.lib.nnsae_bias_activation
+    if fn.argtypes is None:  # declared once: 64-bit sizes and pointers (ctypes would pass Python ints as C ints)
+        fn.argtypes = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int]
+        fn.restype = ctypes.c_int
+    rows, d = h.shape
+    ptrs = [None if x is None else x.data_ptr() for x in (b, t, s, b2)]
+
+    def run(lo: int, hi: int) -> None:
+        if hi > lo and fn(hi - lo, d, h[lo].data_ptr(), *ptrs, kind) != 0:
+            raise RuntimeError(f"nnsae_bias_activation: unknown kind {kind}.")
+
+    parts = min(torch.get_num_threads(), max(1, rows * d >> 20))  # threads only for work worth starting them
+    if parts <= 1:
+        run(0, rows)
+        return
+    import threading
+
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    errors: list[BaseException] = []
+
+    def guarded(lo: int, hi: int) -> None:
+        try:
+            run(lo, hi)
+        except BaseException as error:  # noqa: BLE001 - re-raised below
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(bounds[i], bounds[i + 1])) for i in range(1, parts)]
+    for thread in threads:
+        thread.start()
+    guarded(bounds[0], bounds[1])
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]

@@ -15,8 +15,19 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from nnsae import kernels
 from nnsae.config import SAEConfig, architecture_class, dtype_name, parse_dtype
 from nnsae.seam import module_observed
+
+def native_kernels():
+    """`nnsae.native.library()`, imported here rather than at module level: an SAE shipped by value to a remote
+    server that cannot import nnsae runs in plain torch there (None)."""
+    try:
+        from nnsae import native
+    except ImportError:
+        return None
+    return native.library()
+
 
 HOOK_NAMES = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error",
               "hook_sae_output")
@@ -229,11 +240,27 @@ class SAE(nn.Module):
         """Feature activations from the (hooked) pre-activation and the processed input."""
         return torch.relu(pre)
 
+    activation.fused_kind = "relu"  # what `kernels.bias_activation` computes for this exact method
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d_in) activations → (..., d_sae) feature activations."""
         sae_in = self.process_sae_in(x)
+        kind = getattr(type(self).activation, "fused_kind", None)
+        if kind is not None and type(self).pre_activation is SAE.pre_activation and self.may_fuse(sae_in):
+            # Nothing can see the pre-activation: add b_enc and activate in one in-place pass over x @ W_enc.
+            acts = kernels.bias_activation(sae_in @ self.W_enc, self.b_enc, kind,
+                                           threshold=getattr(self, "threshold", None), native=native_kernels())
+            return self._hook("hook_sae_acts_post", acts)
         pre = self._hook("hook_sae_acts_pre", self.pre_activation(sae_in))
         return self._hook("hook_sae_acts_post", self.activation(pre, sae_in))
+
+    def may_fuse(self, sae_in: torch.Tensor) -> bool:
+        """Whether encoding may skip the pre-activation tensor: autograd does not need it and nothing observes
+        `hook_sae_acts_pre` (the answer ignores `_hooks_enabled`, so the error term's clean reference takes the
+        same kernels as the hooked reconstruction)."""
+        if self._grad_mode() and (sae_in.requires_grad or self.W_enc.requires_grad):
+            return False
+        return not self.observed("hook_sae_acts_pre")
 
     def decoder_matmul(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """feature_acts @ W_dec. Without grad, on plain CPU tensors with at most 1/32 of the activations non-zero
@@ -244,7 +271,10 @@ class SAE(nn.Module):
                 or feature_acts.dtype != W.dtype or feature_acts.numel() == 0 or feature_acts.shape[-1] != W.shape[0]):
             return feature_acts @ W
         flat = feature_acts.reshape(-1, feature_acts.shape[-1])
-        if int(torch.count_nonzero(flat)) * 32 > flat.numel():
+        # Counting every non-zero costs about half a matmul on dense codes: a clearly dense sample of rows decides
+        # first, the full count only where the sample is sparse.
+        sample = flat[:: max(1, flat.shape[0] // 64)]
+        if int(torch.count_nonzero(sample)) * 16 > sample.numel() or int(torch.count_nonzero(flat)) * 32 > flat.numel():
             return feature_acts @ W
         rows, cols = flat.nonzero(as_tuple=True)
         counts = torch.bincount(rows, minlength=flat.shape[0])

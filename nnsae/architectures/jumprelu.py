@@ -14,6 +14,8 @@ class JumpReLUSAE(SAE):
     def activation(self, pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
 
+    activation.fused_kind = "jumprelu"  # what `kernels.bias_activation` computes for this exact method
+
     def fold_encoder_scale(self, norms: torch.Tensor) -> None:
         self.b_enc.mul_(norms)
         self.threshold.mul_(norms)

@@ -7,7 +7,9 @@ One package, its parts one file each:
 - `handle`: `SAEHandle`, an attached SAE's hook points, steering and removal;
 - `helpers`: the HookedSAETransformer-style `saes`, `steer`, `run_with_saes`, `run_with_cache`,
   `run_with_cache_with_saes`, `run_with_hooks_with_saes`, `feature_attribution`;
-- `prompt`: `test_prompt`, TransformerLens' `utils.test_prompt` report.
+- `prompt`: `test_prompt`, TransformerLens' `utils.test_prompt` report;
+- `transcoders`: transcoder sets and cross-layer transcoders as one SAE per layer (`layer_saes`,
+  `attach_transcoders`, `splice_transcoders`).
 
 Where an SAE sits comes from the one hook resolver (`nnsae.hooks.resolve_hook`); every nnsight/torch internal this
 needs is in `nnsae.seam`.
@@ -30,9 +32,12 @@ from nnsae.attachment.helpers import (Hook, feature_attribution, lm_loss, run_wi
 from nnsae.attachment.mount import SAESplice, attach, attached, detach
 from nnsae.attachment.prompt import test_prompt
 from nnsae.attachment.splice import splice, splice_activation
+from nnsae.attachment.transcoders import (LayerTranscoder, TranscoderAttachment, attach_transcoders, layer_saes,
+                                          splice_transcoders)
 from nnsae.seam import SAEOrderError
 
-__all__ = ["Hook", "SAEHandle", "SAEOrderError", "SAESplice", "attach", "attached", "detach", "feature_attribution",
+__all__ = ["Hook", "LayerTranscoder", "SAEHandle", "SAEOrderError", "SAESplice", "TranscoderAttachment", "attach",
+           "attach_transcoders", "layer_saes", "splice_transcoders", "attached", "detach", "feature_attribution",
            "lm_loss", "run_with_cache", "run_with_cache_with_saes", "run_with_hooks_with_saes", "run_with_saes", "saes",
            "splice", "splice_activation", "steer", "test_prompt"]
 

@@ -4,10 +4,10 @@ from nnsae.circuits.attribution import attribute
 from nnsae.circuits.files import create_graph_files
 from nnsae.circuits.graph import Graph, GraphConfig, LogitTarget
 from nnsae.circuits.intervene import intervene
-from nnsae.circuits.load import load_transcoders, save_transcoders
+from nnsae.circuits.load import convert_to_circuit_tracer, load_transcoders, save_transcoders
 from nnsae.circuits.prune import compute_graph_scores, prune_graph
 from nnsae.circuits.transcoders import CrossLayerTranscoder, SingleLayerTranscoder, TranscoderSet
 
 __all__ = ["CrossLayerTranscoder", "Graph", "GraphConfig", "LogitTarget", "SingleLayerTranscoder", "TranscoderSet",
-           "attribute", "compute_graph_scores", "create_graph_files", "intervene", "load_transcoders", "prune_graph",
-           "save_transcoders"]
+           "attribute", "compute_graph_scores", "convert_to_circuit_tracer", "create_graph_files", "intervene",
+           "load_transcoders", "prune_graph", "save_transcoders"]

@@ -1,12 +1,16 @@
-"""Transcoder files: circuit-tracer's `transcoder_set` and `cross_layer_transcoder` directories, and directories of
-SAELens-layout transcoder folders. safetensors only; every file name comes from inside the given directory.
+"""Transcoder files: circuit-tracer's `transcoder_set` and `cross_layer_transcoder` directories, directories of
+per-layer transcoder folders (SAELens layout, Gemma Scope `params.npz`, Gemma Scope 2 `params.safetensors`, sparsify
+`transcode` folders), and Gemma Scope 2 cross-layer transcoders (`layer_{i}.safetensors`). Every file name comes
+from inside the given directory (or is an `hf://` URI a config.yaml lists).
 
 `transcoder_set`: `config.yaml` (`model_kind: transcoder_set`, `feature_input_hook`, `feature_output_hook`,
 optional `scan`, `activation` (relu/topk, else JumpReLU when a threshold is stored), `k`, `transcoders` (file
-paths)) and `layer_{L}.safetensors` with `W_enc` [d_tc, d_model], `W_dec` [d_tc, d_model], `b_enc`, `b_dec`,
-optional `activation_function.threshold`, `W_skip` [d_model, d_model].
+paths or `hf://org/repo/path?revision=R` URIs; `.npz` files are read as Gemma Scope's, safetensors with lower-case
+`w_enc` as Gemma Scope 2's)) and `layer_{L}.safetensors` with `W_enc` [d_tc, d_model], `W_dec` [d_tc, d_model],
+`b_enc`, `b_dec`, optional `activation_function.threshold`, `W_skip` [d_model, d_model].
 `cross_layer_transcoder`: `config.yaml` and per layer i `W_enc_{i}.safetensors` (`W_enc_i`, `b_enc_i`, `b_dec_i`,
-optional `threshold_i`) and `W_dec_{i}.safetensors` (`W_dec_i` [d_tc, n_layers - i, d_model]).
+optional `threshold_i`) and `W_dec_{i}.safetensors` (`W_dec_i` [d_tc, n_layers - i, d_model]), or a `transcoders`
+list of Gemma Scope 2 CLT files.
 """
 
 from __future__ import annotations
@@ -20,24 +24,33 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nnsae.circuits.transcoders import CrossLayerTranscoder, SingleLayerTranscoder, TranscoderSet
+from nnsae.circuits import foreign
+from nnsae.circuits.transcoders import CrossLayerTranscoder, SingleLayerTranscoder, TranscoderSet, _from_sae
+from nnsae.io.files import read_json
 
-__all__ = ["load_transcoders", "save_transcoders"]
+__all__ = ["convert_to_circuit_tracer", "load_transcoders", "save_transcoders"]
 
 _TL_LAYER_HOOK = re.compile(r"blocks\.(\d+)\.(.+)")
-_HF_LAYER = re.compile(r"layers?\.(\d+)\.|\.h\.(\d+)\.")
 
 
 def load_transcoders(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                     scan: str | list[str] | None = None, revision: str | None = None
+                     scan: str | list[str] | None = None, revision: str | None = None, variant: str | None = None
                      ) -> TranscoderSet | CrossLayerTranscoder:
-    """A per-layer `TranscoderSet` or a `CrossLayerTranscoder` from `path`: a circuit-tracer `transcoder_set` or
-    `cross_layer_transcoder` directory (its config.yaml says which), or a directory whose subfolders are SAELens
-    transcoders (cfg.json + sae_weights.safetensors, one per layer). A `path` that is not a local directory is
-    taken as a Hugging Face repo id (optionally `repo_id//subfolder`) and downloaded."""
+    """A per-layer `TranscoderSet` or a `CrossLayerTranscoder` from `path`, its format detected from the files.
+
+    `path` is a local directory or a Hugging Face repo id (optionally `repo_id//subfolder`, downloaded; `revision`
+    pins it) holding one of:
+    - a circuit-tracer `transcoder_set` or `cross_layer_transcoder` directory (its config.yaml says which);
+    - Gemma Scope 2 cross-layer transcoder files `layer_0.safetensors .. layer_N.safetensors`;
+    - per-layer transcoder folders, at any depth: SAELens layout (cfg.json + sae_weights.safetensors), Gemma Scope
+      (`params.npz`), Gemma Scope 2 (`params.safetensors` + config.json), sparsify (`cfg.json` with
+      `transcode: true` + sae.safetensors), exactly one per layer 0..N once `variant` (a substring of the folder's
+      path, e.g. ``"width_16k_l0_small"``) has picked among several.
+    Each set knows its read/write points (`feature_input_hook` / `feature_output_hook`, TransformerLens names that
+    nnsae's hook resolver places in the HF model)."""
     directory = Path(path)
     if not directory.is_dir():
-        directory = _download(str(path), revision)
+        directory = _download(str(path), revision, variant)
         if scan is None:
             scan = str(path) if revision is None else f"{path}@{revision}"
     config_file = directory / "config.yaml"
@@ -50,27 +63,81 @@ def load_transcoders(path: str | Path, device: str | torch.device = "cpu", dtype
         if kind == "cross_layer_transcoder":
             return _load_clt(directory, config, device, dtype, scan)
         raise ValueError(f"{config_file}: model_kind {kind!r} is not 'transcoder_set' or 'cross_layer_transcoder'.")
-    folders = sorted(p for p in directory.iterdir() if (p / "cfg.json").is_file())
-    if folders:
-        return _load_saelens(folders, device, dtype, scan)
+    clt_files = _layer_files(directory)
+    if clt_files and all(foreign.is_gemma_scope_2_clt_file(f) for f in clt_files):
+        return foreign.gemma_scope_2_clt(clt_files, device, dtype, scan=scan)
+    candidates = _per_layer_folders(directory, variant)
+    if candidates:
+        return _load_per_layer(directory, candidates, device, dtype, scan, variant)
     raise ValueError(
         f"{directory} is not a transcoder directory: expected a config.yaml (circuit-tracer transcoder_set or "
-        "cross_layer_transcoder) or subfolders with cfg.json (SAELens transcoders, one per layer)."
+        "cross_layer_transcoder), Gemma Scope 2 CLT files layer_i.safetensors, or per-layer transcoder folders "
+        "(SAELens cfg.json + sae_weights.safetensors, Gemma Scope params.npz, Gemma Scope 2 params.safetensors, "
+        f"sparsify cfg.json + sae.safetensors){f' whose path contains {variant!r}' if variant else ''}."
     )
 
 
-def _download(repo: str, revision: str | None) -> Path:
+def _download(repo: str, revision: str | None, variant: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     repo_id, _, subfolder = repo.partition("//")
+    prefix = f"{subfolder}/" if subfolder else ""
+    patterns = [f"{prefix}*{variant}*", f"{prefix}config.yaml"] if variant else [f"{prefix}*"]
     try:
-        root = Path(snapshot_download(repo_id, revision=revision,
-                                      allow_patterns=[f"{subfolder}/*" if subfolder else "*"]))
+        root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as error:
         raise FileNotFoundError(
             f"{repo!r} is not a local directory and could not be downloaded from the Hugging Face Hub ({error})."
         ) from error
     return _inside(root, subfolder) if subfolder else root
+
+
+def _hf_file(uri: str) -> Path:
+    """The local copy of an `hf://org/repo/path/in/repo?revision=R` file (circuit-tracer's URIs)."""
+    from urllib.parse import parse_qs, urlparse
+
+    from huggingface_hub import hf_hub_download
+
+    parsed = urlparse(uri)
+    repo_name, _, file_path = parsed.path.lstrip("/").partition("/")
+    if not parsed.netloc or not repo_name or not file_path:
+        raise ValueError(f"{uri!r} is not an hf://org/repo/path URI.")
+    revision = parse_qs(parsed.query).get("revision", [None])[0]
+    return Path(hf_hub_download(f"{parsed.netloc}/{repo_name}", file_path, revision=revision))
+
+
+def _layer_files(directory: Path) -> list[Path]:
+    """`layer_0.safetensors .. layer_N.safetensors` directly in `directory` (all of them), or []."""
+    indices = sorted(int(m.group(1)) for p in directory.iterdir()
+                     if (m := re.fullmatch(r"layer_(\d+)\.safetensors", p.name)))
+    if not indices or indices != list(range(len(indices))):
+        return []
+    return [directory / f"layer_{i}.safetensors" for i in indices]
+
+
+# Marker files of per-layer folders: (format, files that must all be there).
+_FOLDER_FORMATS = (("sparsify", ("cfg.json", "sae.safetensors")), ("saelens", ("cfg.json", "sae_weights.safetensors")),
+                   ("gemma_scope", ("params.npz",)), ("gemma_scope_2", ("params.safetensors",)))
+
+
+def _per_layer_folders(directory: Path, variant: str | None) -> list[tuple[str, Path]]:
+    """(format, folder) of every per-layer transcoder folder under `directory` whose relative path contains
+    `variant` (when given)."""
+    found: dict[Path, str] = {}
+    for name, markers in _FOLDER_FORMATS:
+        for marker in directory.rglob(markers[0]):
+            folder = marker.parent
+            if folder in found or not all((folder / m).is_file() for m in markers):
+                continue
+            parts = folder.relative_to(directory).parts
+            # Training intermediates (`checkpoints/`) and hidden / temporary folders are not the run's transcoders.
+            if any(part == "checkpoints" or part.startswith(".") for part in parts):
+                continue
+            if variant is None or variant in "/".join(parts):
+                found[folder] = name
+    # A folder inside another transcoder's folder is not a layer of the set.
+    kept = [(name, folder) for folder, name in found.items() if not any(p in found for p in folder.parents)]
+    return sorted(kept, key=lambda item: str(item[1]))
 
 
 def _inside(root: Path, name: str) -> Path:
@@ -100,10 +167,7 @@ def _load_set(directory: Path, config: dict[str, Any], device: str | torch.devic
               scan: Any) -> TranscoderSet:
     input_hook, output_hook = _hooks(config, str(directory))
     if "transcoders" in config:
-        names = list(config["transcoders"])
-        if any(str(name).startswith("hf://") for name in names):
-            raise ValueError("config.yaml lists hf:// transcoder files; download them and list local file names.")
-        files = [_inside(directory, str(name)) for name in names]
+        files = _listed_files(directory, config)
     else:
         indices = sorted(int(m.group(1)) for p in directory.iterdir()
                          if (m := re.fullmatch(r"layer_(\d+)\.safetensors", p.name)))
@@ -114,9 +178,15 @@ def _load_set(directory: Path, config: dict[str, Any], device: str | torch.devic
     activation = config.get("activation")
     transcoders = []
     for file in files:
+        if file.suffix == ".npz":  # circuit-tracer reads listed .npz files as Gemma Scope's
+            transcoders.append(foreign.gemma_scope_transcoder(file, device, dtype))
+            continue
         if file.suffix != ".safetensors":
-            raise ValueError(f"{file.name}: only .safetensors transcoder files are read.")
+            raise ValueError(f"{file.name}: only .safetensors (and Gemma Scope .npz) transcoder files are read.")
         t = _tensors(file, device, dtype)
+        if "w_enc" in t:  # Gemma Scope 2's names
+            transcoders.append(foreign.gemma_scope_2_transcoder(file, device, dtype))
+            continue
         threshold = t.get("activation_function.threshold")
         if activation == "topk":
             kind, k = "topk", config.get("k", int(t["k"]) if "k" in t else None)
@@ -132,9 +202,18 @@ def _load_set(directory: Path, config: dict[str, Any], device: str | torch.devic
     return TranscoderSet(transcoders, input_hook, output_hook, scan)
 
 
+def _listed_files(directory: Path, config: dict[str, Any]) -> list[Path]:
+    """The files config.yaml's `transcoders` lists: names inside `directory`, or hf:// URIs (downloaded)."""
+    return [_hf_file(str(name)) if str(name).startswith("hf://") else _inside(directory, str(name))
+            for name in config["transcoders"]]
+
+
 def _load_clt(directory: Path, config: dict[str, Any], device: str | torch.device, dtype: torch.dtype,
               scan: Any) -> CrossLayerTranscoder:
     input_hook, output_hook = _hooks(config, str(directory))
+    if "transcoders" in config:  # circuit-tracer lists Gemma Scope 2 CLT files this way
+        return foreign.gemma_scope_2_clt(_listed_files(directory, config), device, dtype, input_hook, output_hook,
+                                         scan)
     indices = sorted(int(m.group(1)) for p in directory.iterdir()
                      if (m := re.fullmatch(r"W_enc_(\d+)\.safetensors", p.name)))
     if indices != list(range(len(indices))) or not indices:
@@ -169,21 +248,76 @@ def _layer_and_hook(metadata: Any, folder: Path) -> tuple[int, str, str]:
     return int(match.group(1)), match.group(2), match_out.group(2)
 
 
-def _load_saelens(folders: list[Path], device: str | torch.device, dtype: torch.dtype, scan: Any) -> TranscoderSet:
-    from nnsae.architectures import SAE
-
-    saes, hooks = {}, set()
-    for folder in folders:
-        sae = SAE.load_from_disk(folder, device=device, dtype=dtype)
-        layer, input_hook, output_hook = _layer_and_hook(sae.cfg.metadata, folder)
-        if layer in saes:
-            raise ValueError(f"Two transcoders for layer {layer} in {folder.parent}.")
-        saes[layer] = sae
-        hooks.add((input_hook, output_hook))
+def _load_per_layer(directory: Path, candidates: list[tuple[str, Path]], device: str | torch.device,
+                    dtype: torch.dtype, scan: Any, variant: str | None) -> TranscoderSet:
+    by_layer: dict[int, list[tuple[Path, SingleLayerTranscoder, tuple[str, str]]]] = {}
+    for name, folder in candidates:
+        layer, transcoder, hooks = _read_folder(name, folder, directory, device, dtype)
+        by_layer.setdefault(layer, []).append((folder, transcoder, hooks))
+    if variant:  # `variant` names a folder exactly when another one only extends it (`l0_small` / `l0_small_affine`)
+        for layer, entries in by_layer.items():
+            exact = [entry for entry in entries if entry[0].name.endswith(variant)]
+            if len(entries) > 1 and len(exact) == 1:
+                by_layer[layer] = exact
+    ambiguous = {layer: [f.relative_to(directory).as_posix() for f, _, _ in entries]
+                 for layer, entries in by_layer.items() if len(entries) > 1}
+    if ambiguous:
+        layer, folders = min(ambiguous.items())
+        raise ValueError(
+            f"{directory} holds {len(folders)} transcoders for layer {layer} ({folders[:6]}"
+            f"{' ...' if len(folders) > 6 else ''}){f' matching variant={variant!r}' if variant else ''}: pass "
+            "variant= (a substring of one folder path per layer), or list the files in a circuit-tracer config.yaml.")
+    if sorted(by_layer) != list(range(len(by_layer))):
+        raise ValueError(f"{directory}: a transcoder set needs layers 0..N, found layers {sorted(by_layer)}.")
+    hooks = {entries[0][2] for entries in by_layer.values()}
     if len(hooks) != 1:
         raise ValueError(f"The transcoders of a set must read and write the same hooks, got {sorted(hooks)}.")
     (input_hook, output_hook), = hooks
-    return TranscoderSet.from_saes(saes, input_hook, output_hook, scan)
+    return TranscoderSet({layer: entries[0][1] for layer, entries in by_layer.items()}, input_hook, output_hook, scan)
+
+
+def _read_folder(name: str, folder: Path, directory: Path, device: str | torch.device, dtype: torch.dtype
+                 ) -> tuple[int, SingleLayerTranscoder, tuple[str, str]]:
+    """(layer, transcoder, (TL input hook, TL output hook)) of one per-layer folder."""
+    if name == "sparsify":
+        layer, transcoder = foreign.sparsify_transcoder(folder, device, dtype)
+        return layer, transcoder, foreign.SPARSIFY_HOOKS
+    if name == "saelens":
+        from nnsae.architectures import SAE
+
+        sae = SAE.load_from_disk(folder, device=device, dtype=dtype, format="saelens")
+        layer, input_hook, output_hook = _layer_and_hook(sae.cfg.metadata, folder)
+        return layer, _from_sae(sae), (input_hook, output_hook)
+    layer = foreign.layer_of(folder.relative_to(directory).as_posix()) if folder != directory else None
+    if name == "gemma_scope":
+        if layer is None:
+            raise ValueError(f"{folder}: a Gemma Scope transcoder's layer comes from its path (layer_N/...); "
+                             "this one names none.")
+        return layer, foreign.gemma_scope_transcoder(folder / "params.npz", device, dtype), foreign.GEMMA_SCOPE_HOOKS
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    hf_in = str(config.get("hf_hook_point_in") or "")
+    kind = config.get("type") or ("transcoder" if "transcoder" in folder.as_posix() else None)
+    if kind != "transcoder" and not hf_in.endswith("pre_feedforward_layernorm.output"):
+        raise ValueError(f"{folder}: this Gemma Scope 2 file is not a per-layer transcoder (config type {kind!r}, "
+                         f"input {hf_in!r}).")
+    match = re.search(r"layers\.(\d+)\.", hf_in)
+    layer = int(match.group(1)) if match else layer
+    if layer is None:
+        raise ValueError(f"{folder}: no layer in config.json's hf_hook_point_in nor in the folder name (layer_N).")
+    return layer, foreign.gemma_scope_2_transcoder(folder / "params.safetensors", device, dtype), \
+        foreign.GEMMA_SCOPE_2_HOOKS
+
+
+def convert_to_circuit_tracer(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = None) -> str:
+    """Every layer's transcoder under `src` (a training run of per-layer transcoders in SAELens layout, or anything
+    `load_transcoders` reads) written as one circuit-tracer directory at `dst`; returns a one-line summary."""
+    from nnsae.config import parse_dtype
+
+    transcoders = load_transcoders(src, dtype=parse_dtype(dtype) if dtype else torch.float32)
+    out = save_transcoders(transcoders, dst)
+    kind = "cross_layer_transcoder" if isinstance(transcoders, CrossLayerTranscoder) else "transcoder_set"
+    return (f"Wrote a circuit-tracer {kind} ({transcoders.n_layers} layers, d_transcoder {transcoders.d_transcoder}, "
+            f"{transcoders.feature_input_hook} -> {transcoders.feature_output_hook}) to {out}")
 
 
 def save_transcoders(transcoders: TranscoderSet | CrossLayerTranscoder, path: str | Path) -> Path:
