@@ -87,9 +87,9 @@ class _Run:
     last: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        d_sae = self.cfg.d_sae
-        self.act_freq_scores = torch.zeros(d_sae, device=self.cfg.device)
-        self.n_forward_passes_since_fired = torch.zeros(d_sae, device=self.cfg.device)
+        n_latents = self.model.n_latents  # a CLT's latents: those of every layer, layer-major
+        self.act_freq_scores = torch.zeros(n_latents, device=self.cfg.device)
+        self.n_forward_passes_since_fired = torch.zeros(n_latents, device=self.cfg.device)
 
     @property
     def hook(self) -> str:
@@ -177,9 +177,11 @@ class Trainer:
             if len(hooks) != 1:
                 raise ValueError(f"TrainConfig.hook is not set and the store has several hooks {hooks}: choose one.")
             cfg = TrainConfig.from_dict({**cfg.to_dict(), "hook": hooks[0]})
-        if cfg.hook not in hooks:
-            raise ValueError(f"TrainConfig.hook={cfg.hook!r} is not one of the store's hooks {hooks}.")
-        resolved = cfg.resolve(self.store.d_in(cfg.hook), self.global_batch)
+        missing = [h for h in cfg.hooks if h not in hooks]
+        if missing:
+            raise ValueError(f"TrainConfig hook(s) {missing} are not among the store's hooks {hooks}: give the store "
+                             "every input and output hook (ActivationStore(model, hooks=[...])).")
+        resolved = cfg.resolve(self.store.d_in(cfg.hooks[0]), self.global_batch)
         if resolved.name is None:
             resolved.name = resolved.default_name()
         if child_path(self.out, resolved.name).name == CHECKPOINTS:
@@ -221,11 +223,17 @@ class Trainer:
 
     def _build_runs(self) -> None:
         for cfg in self.cfgs:
-            d_in = self.store.d_in(cfg.hook)
-            model = make_training_sae(cfg, d_in)
+            first_in = cfg.hooks[0]
+            first_out = cfg.hook_out[0] if cfg.is_clt else cfg.hook_out
+            d_out = self.store.d_in(first_out) if cfg.is_transcoder else None
+            model = make_training_sae(cfg, self.store.d_in(first_in), d_out)
             optimizer = make_adam(model, cfg)
-            metadata = dict(self.store.metadata(cfg.hook))
-            metadata.setdefault("hook_name", cfg.hook)
+            metadata = dict(self.store.metadata(first_in))
+            metadata.setdefault("hook_name", first_in)
+            if cfg.is_transcoder and not cfg.is_clt:  # SAELens' transcoder metadata: where the output goes
+                out = self.store.metadata(cfg.hook_out)
+                metadata["hook_name_out"] = out.get("hook_name") or cfg.hook_out
+                metadata["hf_hook_name_out"] = out.get("hf_hook_name")
             if metadata.get("model_name") is None and self.model_ref is not None:
                 config = getattr(self.model_ref, "config", None)
                 metadata["model_name"] = getattr(config, "_name_or_path", None) or type(self.model_ref).__name__
@@ -254,7 +262,7 @@ class Trainer:
 
     def _run(self, existing: dict[str, Any] | None, resume: bool) -> dict[str, SAE]:
         if existing is not None and existing.get("complete"):
-            return {cfg.name: SAE.load_from_disk(self.out / cfg.name, device=cfg.device) for cfg in self.cfgs}
+            return {cfg.name: _load_output(cfg, self.out / cfg.name) for cfg in self.cfgs}
         self._build_runs()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -322,9 +330,9 @@ class Trainer:
 
     def _train_step(self, batch: dict[str, torch.Tensor], wandb_run: Any) -> None:
         for run in self.runs:
-            if run.done or run.hook not in batch:
+            if run.done or any(h not in batch for h in run.cfg.hooks):
                 continue
-            self._step(run, batch[run.hook])
+            self._step(run, *_inputs(run.cfg, batch))
             if run.n_steps % run.cfg.log_every == 0 or run.n_steps == run.total_steps:
                 self._log(run, wandb_run)
             if run.cfg.eval_every and run.n_steps % run.cfg.eval_every == 0:
@@ -334,7 +342,7 @@ class Trainer:
             if run.n_steps == run.total_steps:
                 self._finalize(run)
 
-    def _step(self, run: _Run, x: torch.Tensor) -> None:
+    def _step(self, run: _Run, x: torch.Tensor, target: torch.Tensor | None = None) -> None:
         cfg, model = run.cfg, run.model
         if run.n_steps > 0 and run.n_steps % cfg.feature_sampling_window == 0:
             run.act_freq_scores.zero_()
@@ -346,7 +354,8 @@ class Trainer:
             x = x * run.scaling_factor
         coefficients = {name: coefficient_at(getattr(cfg, value), getattr(cfg, warm), run.n_steps)
                         for name, (value, warm) in model.coefficients.items()}
-        ctx = StepContext(coefficients=coefficients, dead_mask=run.dead_mask(), comm=self.comm)
+        ctx = StepContext(coefficients=coefficients, dead_mask=run.dead_mask(), comm=self.comm,
+                          target=None if target is None else target.to(cfg.device))
         out = model(x, ctx)
         loss_value = float(out.loss.detach())
         if self.comm is not None:
@@ -452,7 +461,7 @@ class Trainer:
             "metrics/explained_variance": 1 - sse / total_variance if total_variance > 0 else float("nan"),
             "metrics/l0": float(stats[len(values)]),
             "sparsity/dead_features": dead,
-            "sparsity/dead_fraction": dead / run.cfg.d_sae,
+            "sparsity/dead_fraction": dead / run.act_freq_scores.numel(),
             "sparsity/mean_passes_since_fired": float(run.n_forward_passes_since_fired.mean()),
             "details/current_learning_rate": lr,
         })
@@ -528,7 +537,10 @@ class Trainer:
     # ---- outputs ------------------------------------------------------------------------------------------------
 
     def _export(self, run: _Run) -> SAE:
-        """The SAE as trained so far (folded, SAELens inference form) with its metadata and feature sparsity."""
+        """The SAE as trained so far (folded, SAELens inference form) with its metadata and feature sparsity (a
+        cross-layer transcoder: an `nnsae.circuits.CrossLayerTranscoder`)."""
+        if run.cfg.is_clt:
+            return run.model.export(run.scaling_factor)
         sae = run.model.export(run.scaling_factor)
         sparsity = run.feature_sparsity()
         meta = {**run.metadata, "training_tokens": run.n_tokens,
@@ -545,7 +557,7 @@ class Trainer:
         sae = self._export(run)
         if self.is_main:
             folder = self.out / run.name
-            sae.save_model(folder, log_sparsity=sae.log_feature_sparsity)
+            self._save(run, sae, folder)
             write_json(folder / "train_config.json", run.cfg.to_dict())
         run.done = True
         self._exported[run.name] = sae
@@ -557,13 +569,29 @@ class Trainer:
         every = math.ceil(total / (run.cfg.n_checkpoints + 1))
         passed = [t for t in range(every, total, every) if run.n_tokens - run.batch_tokens <= t < run.n_tokens]
         if passed and run.n_steps < run.total_steps:
-            sae = self._export(run)
-            sae.save_model(self.out / run.name / "checkpoints" / str(run.n_tokens),
-                           log_sparsity=sae.log_feature_sparsity)
+            self._save(run, self._export(run), self.out / run.name / "checkpoints" / str(run.n_tokens))
+
+    def _save(self, run: _Run, sae: Any, folder: Path) -> None:
+        """SAELens layout; a cross-layer transcoder in circuit-tracer's `cross_layer_transcoder` layout, with its
+        firing rates ([n_layers, d_sae], log10 as SAELens writes them) in sparsity.safetensors."""
+        if not run.cfg.is_clt:
+            sae.save_model(folder, log_sparsity=sae.log_feature_sparsity)
+            return
+        from nnsae.circuits import save_transcoders
+
+        save_transcoders(sae, folder)
+        sparsity = torch.log10(run.feature_sparsity() + 1e-10).view(run.model.n_layers, -1).detach().cpu()
+        write_safetensors(folder / "sparsity.safetensors", {"sparsity": sparsity.contiguous()})
 
     def _evaluate(self, run: _Run, wandb_run: Any) -> None:
         """CE and KL scores of the SAE as trained so far, spliced into the model on held-out batches (rank 0)."""
         if not self.is_main:
+            return
+        if run.cfg.is_clt:
+            if run.name not in self._eval_batches:
+                warnings.warn(f"{run.name}: CE/KL evaluations during training are not run for cross-layer "
+                              "transcoders (eval_every is ignored).", stacklevel=3)
+                self._eval_batches[run.name] = []
             return
         if run.name not in self._eval_batches:
             self._eval_batches[run.name] = self.store.held_out_batches(run.cfg.n_eval_batches,
@@ -659,9 +687,7 @@ class Trainer:
             run.act_freq_scores.copy_(tensors[f"{run.name}.act_freq_scores"])
             run.n_forward_passes_since_fired.copy_(tensors[f"{run.name}.n_forward_passes_since_fired"])
             if run.done:
-                folder = self.out / run.name
-                sae = SAE.load_from_disk(folder, device=run.cfg.device)
-                self._exported[run.name] = sae
+                self._exported[run.name] = _load_output(run.cfg, self.out / run.name)
         store_states = [ckpt.join_state(s, tensors) for s in record["store"]]
         rank = self.comm.rank if self.comm is not None else 0
         self.store.load_state_dict(store_states[rank])
@@ -688,3 +714,21 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
 
+
+
+def _inputs(cfg: TrainConfig, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input, target) of one config from a store batch: an SAE reads its hook (target None: itself); a transcoder
+    reads `hook` and predicts `hook_out`; a cross-layer transcoder gets every layer's input and output stacked
+    token-major, [N, n_layers, d]."""
+    if cfg.is_clt:
+        return torch.stack([batch[h] for h in cfg.hook], 1), torch.stack([batch[h] for h in cfg.hook_out], 1)
+    return batch[cfg.hook], batch[cfg.hook_out] if cfg.is_transcoder else None
+
+
+def _load_output(cfg: TrainConfig, folder: Path) -> Any:
+    """A finished run's saved output: an SAE (SAELens layout) or a CrossLayerTranscoder (circuit-tracer layout)."""
+    if cfg.is_clt:
+        from nnsae.circuits import load_transcoders
+
+        return load_transcoders(folder, device=cfg.device)
+    return SAE.load_from_disk(folder, device=cfg.device)
