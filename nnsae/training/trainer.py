@@ -179,7 +179,7 @@ class Trainer:
             cfg = TrainConfig.from_dict({**cfg.to_dict(), "hook": hooks[0]})
         missing = [h for h in cfg.hooks if h not in hooks]
         if missing:
-            raise ValueError(f"TrainConfig hook(s) {missing} are not among the store's hooks {hooks}: give the store "
+            raise ValueError(f"TrainConfig hook(s) {missing}: not one of the store's hooks {hooks}; give the store "
                              "every input and output hook (ActivationStore(model, hooks=[...])).")
         resolved = cfg.resolve(self.store.d_in(cfg.hooks[0]), self.global_batch)
         if resolved.name is None:
