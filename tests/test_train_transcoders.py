@@ -417,3 +417,54 @@ def test_transcoder_config_checks():
     with pytest.raises(ValueError, match="normalize_activations"):
         TrainConfig(architecture="topk", hook=IN, hook_out=OUT, normalize_activations="expected_average_only_in")
     assert TrainConfig(architecture="topk", hook=IN, hook_out=OUT).apply_b_dec_to_input is False
+
+
+def test_cli_trains_per_layer_and_cross_layer_transcoders(tmp_path, capsys):
+    from nnsae.cli import main
+    from tests.test_harvest import TEXTS
+
+    model_dir, data = tmp_path / "tiny-llama", tmp_path / "data.jsonl"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data.write_text("\n".join(f'{{"text": "{t}"}}' for t in TEXTS * 4))
+    main(["train", "--model", str(model_dir), "--transcoder", "--clt", "--layers", "0-1", "--dataset", str(data),
+          "--context-size", "32", "--arch", "topk", "--k", "4", "--expansion", "2", "--tokens", "1024",
+          "--batch-size-tokens", "128", "--out", str(tmp_path / "runs")])
+    written = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.startswith("Wrote")]
+    assert len(written) == 3
+    for layer, folder in enumerate(written[:2]):
+        sae = SAE.load_from_disk(folder)
+        assert sae.cfg.architecture == "topk_transcoder" and sae.cfg.k == 4 and sae.cfg.d_sae == 128
+        assert (sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_name_out) == (
+            f"blocks.{layer}.mlp.hook_in", f"blocks.{layer}.hook_mlp_out")
+        assert sae.cfg.metadata.hf_hook_name_out == f"model.layers.{layer}.mlp.output"
+    clt = load_transcoders(written[2])
+    assert isinstance(clt, CrossLayerTranscoder) and clt.n_layers == 2 and clt.activation == "topk" and clt.k == 4
+
+
+def test_ce_evaluation_during_training_replaces_the_mlp_output(tmp_path):
+    """The CE loss logged for a transcoder equals the model's CE with the MLP's output replaced by the transcoder's
+    reconstruction of the MLP's input (plain torch forward hooks; special tokens keep theirs, as SAELens' splice
+    with exclude_special_tokens), on the same held-out tokens."""
+    from tests.test_harvest import TEXTS
+
+    model = tiny_model("llama")
+    store = ActivationStore(model, [IN, OUT], TEXTS * 4, tokenizer=tiny_tokenizer(), context_size=32,
+                            batch_size_tokens=64, store_batch_size_prompts=2, n_batches_in_buffer=4,
+                            eval_dataset=TEXTS[::-1])
+    cfg = TrainConfig(architecture="topk", k=4, d_sae=64, hook=IN, hook_out=OUT, training_tokens=64 * 4,
+                      eval_every=4, n_eval_batches=1)
+    sae = next(iter(train(model, cfg, store, tmp_path / "run", progress=False).values()))
+    record = [__import__("json").loads(line) for line in
+              open(next((tmp_path / "run").glob("*/metrics.jsonl")))][-1]
+    tokens = store.held_out_batches(1)[0]
+    special = torch.isin(tokens, torch.tensor([0, 1, 2]))[..., None]  # PAD, BOS, EOS keep the true MLP output
+    handle = model.model.layers[0].mlp.register_forward_hook(
+        lambda m, i, o: torch.where(special, o, sae.reconstruct(i[0])))
+    with torch.no_grad():
+        logits = model(tokens).logits
+    handle.remove()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+    keep = ~special[:, :-1].flatten()  # and are left out of the mean
+    assert record["model_performance_preservation/ce_loss_with_sae"] == pytest.approx(float(ce[keep].mean()),
+                                                                                      rel=1e-5)
