@@ -164,9 +164,10 @@ class CrossLayerTrainingSAE(nn.Module):
             norms = self.W_dec[i].flatten(1).norm(dim=-1) if self.rescale else None
             h = sparse.biased_matmul(x_i, W * norms if norms is not None else W,
                                      b * norms if norms is not None else b)
-            pattern = Pattern.from_topk(kernels.row_topk(h, k), h.shape[1])
-            values = h[pattern.rows, pattern.cols]
-            return pattern, values / norms[pattern.cols] if norms is not None else values
+            indices = kernels.row_topk(h, k)
+            pattern = Pattern.from_topk(indices, h.shape[1])
+            values = h.gather(1, indices).reshape(-1).to(self.dtype)
+            return pattern, values / norms.index_select(0, pattern.cols) if norms is not None else values
 
     def _select_jumprelu(self, x_i: torch.Tensor, i: int) -> tuple[Pattern, torch.Tensor]:
         """(pattern of the entries with a gradient: z > θ − ε/2, their pre-activations z), without grad."""
