@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -377,8 +378,6 @@ def test_trained_transcoders_equal_the_trained_math_and_load_as_sets(tmp_path):
     cfgs = [TrainConfig(architecture="topk", k=3, d_sae=32, hook=f"blocks.{i}.mlp.hook_in",
                         hook_out=f"blocks.{i}.hook_mlp_out", training_tokens=64 * 4, eval_every=0) for i in range(2)]
     saes = train(None, cfgs, PairStore(batch_size_tokens=64), tmp_path / "run", progress=False)
-    for name in list(saes):
-        (tmp_path / "run" / name / "metrics.jsonl").unlink()
     tcs = load_transcoders(tmp_path / "run")
     assert isinstance(tcs, TranscoderSet) and tcs.n_layers == 2 and tcs[0].activation == "topk"
     x = torch.randn(20, 16)
@@ -401,7 +400,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
         metrics = [(tmp_path / run / name / "metrics.jsonl").read_text() for run in ("full", "resumed")]
-        strip = [[{k: v for k, v in __import__("json").loads(line).items() if not k.startswith("perf/")}
+        strip = [[{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")}
                   for line in m.splitlines()] for m in metrics]
         assert strip[0] == strip[1]
     clt_folder = next(p for p in (tmp_path / "resumed").iterdir() if p.name.startswith("clt-") and "topk" in p.name)
@@ -455,7 +454,7 @@ def test_ce_evaluation_during_training_replaces_the_mlp_output(tmp_path):
     cfg = TrainConfig(architecture="topk", k=4, d_sae=64, hook=IN, hook_out=OUT, training_tokens=64 * 4,
                       eval_every=4, n_eval_batches=1)
     sae = next(iter(train(model, cfg, store, tmp_path / "run", progress=False).values()))
-    record = [__import__("json").loads(line) for line in
+    record = [json.loads(line) for line in
               open(next((tmp_path / "run").glob("*/metrics.jsonl")))][-1]
     tokens = store.held_out_batches(1)[0]
     special = torch.isin(tokens, torch.tensor([0, 1, 2]))[..., None]  # PAD, BOS, EOS keep the true MLP output

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.autograd import Function
 
 from nnsae import kernels
+from nnsae.circuits import CrossLayerTranscoder
 from nnsae.training import sparse
 from nnsae.training.base import StepContext, StepOutput
 from nnsae.training.config import TrainConfig
@@ -216,11 +217,9 @@ class CrossLayerTrainingSAE(nn.Module):
 
     # ---- export ---------------------------------------------------------------------------------------------------
 
-    def export(self, scaling_factor: float | None = None) -> Any:
+    def export(self, scaling_factor: float | None = None) -> CrossLayerTranscoder:
         """The trained CLT as an `nnsae.circuits.CrossLayerTranscoder` (circuit-tracer's orientation), decoder norms
         folded into the encoder for TopK with `rescale_acts_by_decoder_norm` (same selections and outputs)."""
-        from nnsae.circuits import CrossLayerTranscoder
-
         if scaling_factor is not None:
             raise ValueError("Cross-layer transcoders are trained without activation scaling.")
         W_enc, b_enc, W_dec = [], [], []

@@ -86,7 +86,7 @@ class TrainConfig:
     use_matryoshka_aux_loss: bool = False
     # weights and inputs
     decoder_init_norm: float | None = 0.1
-    apply_b_dec_to_input: bool = True
+    apply_b_dec_to_input: bool = True  # always False for transcoders (SAELens' transcoders reject it)
     normalize_activations: str = "none"  # none | expected_average_only_in
     n_batches_for_norm_estimate: int = 1000
     # dead features
@@ -176,8 +176,8 @@ class TrainConfig:
     @property
     def hooks(self) -> list[str]:
         """Every store hook this config reads (inputs, then outputs)."""
-        as_list = lambda h: [] if h is None else list(h) if isinstance(h, (list, tuple)) else [h]  # noqa: E731
-        return as_list(self.hook) + as_list(self.hook_out)
+        return [h for side in (self.hook, self.hook_out) if side is not None
+                for h in (side if isinstance(side, list) else [side])]
 
     def _check_transcoder(self) -> None:
         arch = self.architecture

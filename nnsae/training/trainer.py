@@ -1,6 +1,8 @@
 """`train()`: several SAEs from one pass over an activation store, with SAELens 6 training semantics.
 
-Each batch dict from the store feeds every SAE whose hook it holds. Per SAE and step (as SAELens'
+Each batch dict from the store feeds every SAE whose hooks it holds: an SAE reads `hook`; a transcoder reads `hook`
+and predicts `hook_out` (the store harvests both from the same forward); a cross-layer transcoder reads and predicts
+lists of them (`nnsae.training.clt`). Per SAE and step (as SAELens'
 `SAETrainer`): reset the firing-rate window every `feature_sampling_window` steps; dead latents are those not
 fired for more than `dead_feature_window` steps; forward (losses); backward; clip the gradient norm to 1.0; Adam
 (no weight decay) at the scheduled lr; the sparsity coefficients follow their warm-up.
@@ -9,7 +11,9 @@ Outputs under `out`:
 - `{out}/{name}/`: the inference SAE in SAELens layout (cfg.json with metadata from `store.metadata(hook)` plus
   training_tokens, l0, num_dead_features, training_architecture(_details); sae_weights.safetensors;
   sparsity.safetensors), `train_config.json` (the resolved TrainConfig) and `metrics.jsonl` (one line per logged
-  step).
+  step). Transcoders are SAELens transcoders (`transcoder`, `skip_transcoder`, `jumprelu_(skip_)transcoder`; TopK:
+  nnsae's `topk_(skip_)transcoder`) with `hook_name_out`/`hf_hook_name_out` metadata; a cross-layer transcoder is
+  a circuit-tracer `cross_layer_transcoder` directory (`nnsae.circuits.save_transcoders`) with its firing rates.
 - `{out}/run.json`: the run's configs and the store's identity (fingerprints of model, tokenizer and data; a directory
   holding a different run is refused before any compute).
 - `{out}/.lock`: held while a run is in progress; a second trainer on the same `out` is refused.
@@ -20,7 +24,8 @@ Outputs under `out`:
 
 Every `eval_every` steps, the SAE being trained is spliced into the model on `n_eval_batches` held-out token batches
 (`store.held_out_batches`) and SAELens' `model_performance_preservation/ce_loss_score` and
-`model_behavior_preservation/kl_div_score` (with their CE/KL parts) go to `metrics.jsonl` (and wandb).
+`model_behavior_preservation/kl_div_score` (with their CE/KL parts) go to `metrics.jsonl` (and wandb); a transcoder
+replaces its output hook's activation; cross-layer transcoders are not evaluated during training.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any, Iterator
 
 import torch
 
+from nnsae.circuits import load_transcoders, save_transcoders
 from nnsae.config import SAEMetadata
 from nnsae.evals import ce_kl_metrics
 from nnsae.harvest import release_free_memory
@@ -577,8 +583,6 @@ class Trainer:
         if not run.cfg.is_clt:
             sae.save_model(folder, log_sparsity=sae.log_feature_sparsity)
             return
-        from nnsae.circuits import save_transcoders
-
         save_transcoders(sae, folder)
         sparsity = torch.log10(run.feature_sparsity() + 1e-10).view(run.model.n_layers, -1).detach().cpu()
         write_safetensors(folder / "sparsity.safetensors", {"sparsity": sparsity.contiguous()})
@@ -715,7 +719,6 @@ class Trainer:
                 signal.signal(s, h)
 
 
-
 def _inputs(cfg: TrainConfig, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(input, target) of one config from a store batch: an SAE reads its hook (target None: itself); a transcoder
     reads `hook` and predicts `hook_out`; a cross-layer transcoder gets every layer's input and output stacked
@@ -728,7 +731,5 @@ def _inputs(cfg: TrainConfig, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
 def _load_output(cfg: TrainConfig, folder: Path) -> Any:
     """A finished run's saved output: an SAE (SAELens layout) or a CrossLayerTranscoder (circuit-tracer layout)."""
     if cfg.is_clt:
-        from nnsae.circuits import load_transcoders
-
         return load_transcoders(folder, device=cfg.device)
     return SAE.load_from_disk(folder, device=cfg.device)
