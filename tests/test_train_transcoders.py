@@ -467,3 +467,39 @@ def test_ce_evaluation_during_training_replaces_the_mlp_output(tmp_path):
     keep = ~special[:, :-1].flatten()  # and are left out of the mean
     assert record["model_performance_preservation/ce_loss_with_sae"] == pytest.approx(float(ce[keep].mean()),
                                                                                       rel=1e-5)
+
+
+def ddp_configs() -> list[TrainConfig]:
+    common = dict(dtype="float64", training_tokens=48 * 2 * 8, dead_feature_window=3, log_every=4, eval_every=0)
+    return [TrainConfig(architecture="batchtopk", k=2.5, d_sae=24, hook=IN, hook_out=OUT, skip_connection=True,
+                        **common),
+            TrainConfig(architecture="topk", k=3, d_sae=16, **clt_hooks(2), **common),
+            TrainConfig(architecture="jumprelu", d_sae=16, lr=3e-3, **clt_hooks(2), **common)]
+
+
+def _ddp_worker(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        train(None, ddp_configs(), PairStore(batch_size_tokens=48), out, progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_transcoders_match_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path / "ddp")), nprocs=2,
+                       start_method="fork", join=True)
+    single = train(None, ddp_configs(), PairStore(batch_size_tokens=96), tmp_path / "single", progress=False)
+    for name, trained in single.items():
+        if isinstance(trained, CrossLayerTranscoder):
+            other = load_transcoders(tmp_path / "ddp" / name, dtype=torch.float64)
+            pairs = [(other.W_enc, trained.W_enc), (other.b_dec, trained.b_dec), (other.W_dec[0], trained.W_dec[0])]
+        else:
+            other = SAE.load_from_disk(tmp_path / "ddp" / name, dtype="float64")
+            pairs = [(other.state_dict()[k], v) for k, v in trained.state_dict().items()]
+        for a, b in pairs:
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-9, atol=1e-11, msg=name)
