@@ -413,8 +413,6 @@ def test_transcoder_config_checks():
         TrainConfig(architecture="topk", hook=IN, skip_connection=True)
     with pytest.raises(ValueError, match="Transcoders train with"):
         TrainConfig(architecture="gated", hook=IN, hook_out=OUT)
-    with pytest.raises(ValueError, match="normalize_activations"):
-        TrainConfig(architecture="topk", hook=IN, hook_out=OUT, normalize_activations="expected_average_only_in")
     assert TrainConfig(architecture="topk", hook=IN, hook_out=OUT).apply_b_dec_to_input is False
 
 
@@ -503,3 +501,64 @@ def test_data_parallel_transcoders_match_one_process(tmp_path):
             pairs = [(other.state_dict()[k], v) for k, v in trained.state_dict().items()]
         for a, b in pairs:
             torch.testing.assert_close(a.double(), b.double(), rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("arch,skip", [("topk", True), ("jumprelu", True), ("standard", False), ("batchtopk", True)])
+def test_scaled_training_exports_a_transcoder_of_the_raw_activations(arch, skip):
+    """expected_average_only_in for transcoders: trained on s_in·x to predict s_out·y, the export on raw x gives the
+    trained prediction / s_out (BatchTopK: its threshold inference)."""
+    model, _ = make_transcoder(arch, skip)
+    s_in, s_out = 3.0, 0.25
+    x = torch.randn(N, D, dtype=torch.float64)
+    with torch.no_grad():
+        if arch == "batchtopk":
+            model.topk_threshold.fill_(0.4)
+            f = model.encode_with_threshold(x * s_in)
+            sae = model.sae
+            trained = (f / sae.W_dec.norm(dim=1)) @ sae.W_dec + sae.b_dec + (x * s_in) @ sae.W_skip.T
+        else:
+            ctx = StepContext(coefficients={"l1": 0.0, "l0": 0.0}, target=torch.zeros_like(x))
+            trained = model(x * s_in, ctx).x_hat
+    torch.testing.assert_close(model.export(s_in, s_out).reconstruct(x), trained / s_out, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_scaled_clt_training_exports_a_clt_of_the_raw_activations(arch):
+    n = 3
+    model, _ = make_clt(arch, n)
+    s_in, s_out = [2.0, 0.5, 3.0], [0.25, 4.0, 1.5]
+    x = torch.randn(N, n, D, dtype=torch.float64)
+    scale = lambda s: torch.tensor(s, dtype=torch.float64)[None, :, None]  # noqa: E731
+    with torch.no_grad():
+        ctx = StepContext(coefficients={"l0": 0.0}, target=torch.zeros_like(x))
+        trained = model(x * scale(s_in), ctx).x_hat.view(N, n, D) / scale(s_out)
+    clt = model.export(s_in, s_out)
+    torch.testing.assert_close(clt(x.transpose(0, 1)).transpose(0, 1), trained, rtol=1e-9, atol=1e-10)
+
+
+def test_trainer_scales_transcoder_inputs_and_outputs(tmp_path):
+    """With expected_average_only_in, each hook gets its own factor √d / mean‖·‖ over the first batches (a CLT: one
+    per layer and side), and the saved transcoder works on raw activations."""
+    from nnsae.training.trainer import Trainer
+
+    common = dict(normalize_activations="expected_average_only_in", n_batches_for_norm_estimate=2, eval_every=0,
+                  training_tokens=64 * 30, log_every=30, lr=1e-2)
+    cfgs = [TrainConfig(architecture="topk", k=4, d_sae=32, hook=IN, hook_out=OUT, name="tc", **common),
+            TrainConfig(architecture="topk", k=4, d_sae=32, **clt_hooks(2), name="clt", **common)]
+    store = PairStore(batch_size_tokens=64)
+    trainer = Trainer(None, cfgs, store, tmp_path / "run", progress=False)
+    saes = trainer.run()
+    first = [store.global_batch(t) for t in (0, 1)]
+
+    def factor(hook: str) -> float:
+        return 16 ** 0.5 / float(torch.cat([b[hook] for b in first]).double().norm(dim=-1).mean())
+
+    tc, clt = trainer.runs
+    assert tc.scaling_factor == pytest.approx(factor(IN)) and tc.output_scaling_factor == pytest.approx(factor(OUT))
+    assert clt.scaling_factor == pytest.approx([factor(h) for h in cfgs[1].hook])
+    assert clt.output_scaling_factor == pytest.approx([factor(h) for h in cfgs[1].hook_out])
+    batch = store.global_batch(10_000)  # fresh data, raw scale
+    x, y = batch[IN].double(), batch[OUT].double()
+    with torch.no_grad():
+        ev = 1 - (saes["tc"].to(dtype=torch.float64).reconstruct(x) - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
+    assert float(ev) > 0.3

@@ -150,14 +150,24 @@ class TrainingSAE(nn.Module):
 
     # ---- export -------------------------------------------------------------------------------------------------
 
-    def export(self, scaling_factor: float | None = None) -> SAE:
+    def export(self, scaling_factor: float | None = None, output_scaling_factor: float | None = None) -> SAE:
         """The inference SAE, SAELens' `save_inference_model` form: the activation scaling factor folded
-        (`W_enc·s, W_dec/s, b_dec/s`), plus the architecture's own export rules (`export_rules`)."""
+        (`W_enc·s, W_dec/s, b_dec/s`; a transcoder trained on `s_in·x` to predict `s_out·y`: `W_enc·s_in`,
+        `W_dec/s_out`, `b_dec/s_out`, `W_skip·s_in/s_out`), plus the architecture's own export rules
+        (`export_rules`, given the factor its decoder was divided by)."""
         sae = copy.deepcopy(self.sae)
         for p in sae.parameters():
             p.requires_grad_(False)
             p.data = p.data.contiguous()
-        if scaling_factor is not None:
+        if scaling_factor is not None and self.transcoder:
+            with torch.no_grad():
+                sae.W_enc.mul_(scaling_factor)
+                sae.W_dec.div_(output_scaling_factor)
+                sae.b_dec.div_(output_scaling_factor)
+                if self.cfg.skip_connection:
+                    sae.W_skip.mul_(scaling_factor / output_scaling_factor)
+            scaling_factor = output_scaling_factor
+        elif scaling_factor is not None:
             sae.fold_activation_norm_scaling_factor(scaling_factor)
         sae = self.export_rules(sae, scaling_factor)
         for p in sae.parameters():

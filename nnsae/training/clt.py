@@ -217,24 +217,29 @@ class CrossLayerTrainingSAE(nn.Module):
 
     # ---- export ---------------------------------------------------------------------------------------------------
 
-    def export(self, scaling_factor: float | None = None) -> CrossLayerTranscoder:
-        """The trained CLT as an `nnsae.circuits.CrossLayerTranscoder` (circuit-tracer's orientation), decoder norms
-        folded into the encoder for TopK with `rescale_acts_by_decoder_norm` (same selections and outputs)."""
-        if scaling_factor is not None:
-            raise ValueError("Cross-layer transcoders are trained without activation scaling.")
+    def export(self, scaling_factor: list[float] | None = None, output_scaling_factor: list[float] | None = None
+               ) -> CrossLayerTranscoder:
+        """The trained CLT as an `nnsae.circuits.CrossLayerTranscoder` (circuit-tracer's orientation). For TopK with
+        `rescale_acts_by_decoder_norm` the decoder norms are folded into the encoder first (same selections and
+        outputs); then per-layer activation scaling (trained on `s_in_i·x_i` to predict `s_out_j·y_j`): `W_enc_i·s_in_i`,
+        `W_dec_i[:, j − i] / s_out_j`, `b_dec_j / s_out_j`."""
+        n = self.n_layers
+        s_in = scaling_factor if scaling_factor is not None else [1.0] * n
+        s_out = torch.tensor(output_scaling_factor if output_scaling_factor is not None else [1.0] * n,
+                             dtype=self.dtype)
         W_enc, b_enc, W_dec = [], [], []
-        for i in range(self.n_layers):
+        for i in range(n):
             enc, bias, dec = (copy.deepcopy(t.detach()) for t in (self.W_enc[i], self.b_enc[i], self.W_dec[i]))
             if self.rescale:
                 norms = dec.flatten(1).norm(dim=-1).clamp(min=1e-8)
                 enc, bias, dec = enc * norms, bias * norms, dec / norms[:, None, None]
-            W_enc.append(enc.t().contiguous())
+            W_enc.append((enc * s_in[i]).t().contiguous())
             b_enc.append(bias)
-            W_dec.append(dec.contiguous())
+            W_dec.append((dec / s_out[i:].to(dec.device)[None, :, None]).contiguous())
         jump = self.cfg.architecture == "jumprelu"
         threshold = torch.stack([t.detach().clone() for t in self.threshold]) if jump else None
         return CrossLayerTranscoder(
-            torch.stack(W_enc), W_dec, torch.stack(b_enc), self.b_dec.detach().clone(),
+            torch.stack(W_enc), W_dec, torch.stack(b_enc), self.b_dec.detach() / s_out.to(self.b_dec.device)[:, None],
             activation="jumprelu" if jump else "topk", threshold=threshold,
             k=None if jump else int(self.cfg.k), feature_input_hook=self.input_hook,
             feature_output_hook=self.output_hook)

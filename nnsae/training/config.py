@@ -207,9 +207,6 @@ class TrainConfig:
             return
         if arch not in TRANSCODER_ARCHITECTURES:
             raise ValueError(f"Transcoders train with architecture in {TRANSCODER_ARCHITECTURES}, got {arch!r}.")
-        if self.normalize_activations != "none":
-            raise ValueError("normalize_activations must be 'none' for transcoders (their input and output would "
-                             "need separate scaling factors).")
         # SAELens' transcoder configs reject apply_b_dec_to_input (b_dec lives in the output space).
         self.apply_b_dec_to_input = False
 

@@ -85,7 +85,8 @@ class _Run:
     metadata: dict[str, Any]
     n_steps: int = 0
     n_tokens: int = 0
-    scaling_factor: float | None = None
+    scaling_factor: float | list[float] | None = None  # expected_average_only_in (a CLT: one per layer)
+    output_scaling_factor: float | list[float] | None = None  # the same for a transcoder's target
     done: bool = False
     act_freq_scores: torch.Tensor = field(default=None)  # type: ignore[assignment]
     n_forward_passes_since_fired: torch.Tensor = field(default=None)  # type: ignore[assignment]
@@ -109,6 +110,7 @@ class _Run:
 
     def counters(self) -> dict[str, Any]:
         return {"n_steps": self.n_steps, "n_tokens": self.n_tokens, "scaling_factor": self.scaling_factor,
+                "output_scaling_factor": self.output_scaling_factor,
                 "done": self.done, "n_frac_active_samples": self.n_frac_active_samples}
 
 
@@ -357,7 +359,9 @@ class Trainer:
         model.before_step()
         x = x.to(cfg.device)
         if run.scaling_factor is not None:
-            x = x * run.scaling_factor
+            x = x * _factor(run.scaling_factor, x)
+            if target is not None:
+                target = target * _factor(run.output_scaling_factor, target)
         coefficients = {name: coefficient_at(getattr(cfg, value), getattr(cfg, warm), run.n_steps)
                         for name, (value, warm) in model.coefficients.items()}
         ctx = StepContext(coefficients=coefficients, dead_mask=run.dead_mask(), comm=self.comm,
@@ -422,8 +426,9 @@ class Trainer:
         if not wanted:
             return
         n_max = max(r.cfg.n_batches_for_norm_estimate for r in wanted)
-        sums: dict[str, list[float]] = {r.hook: [] for r in wanted}
-        counts: dict[str, list[float]] = {r.hook: [] for r in wanted}
+        # every hook a wanted run reads: a transcoder's output is scaled too, a CLT's per layer
+        sums: dict[str, list[float]] = {h: [] for r in wanted for h in r.cfg.hooks}
+        counts: dict[str, list[float]] = {h: [] for r in wanted for h in r.cfg.hooks}
         for i in range(n_max):
             batch = next(batches, None)
             if not self._agree(batch is not None, "min"):
@@ -437,9 +442,17 @@ class Trainer:
                 sums[hook].append(float(part[0]) + (sums[hook][-1] if sums[hook] else 0.0))
                 counts[hook].append(float(part[1]) + (counts[hook][-1] if counts[hook] else 0.0))
         for run in wanted:
-            n = run.cfg.n_batches_for_norm_estimate
-            mean_norm = sums[run.hook][n - 1] / counts[run.hook][n - 1]
-            run.scaling_factor = math.sqrt(run.model.d_in) / mean_norm
+            n, cfg = run.cfg.n_batches_for_norm_estimate, run.cfg
+
+            def factor(hook: str) -> float:
+                return math.sqrt(self.store.d_in(hook)) / (sums[hook][n - 1] / counts[hook][n - 1])
+
+            if cfg.is_clt:
+                run.scaling_factor = [factor(h) for h in cfg.hook]
+                run.output_scaling_factor = [factor(h) for h in cfg.hook_out]
+            else:
+                run.scaling_factor = factor(cfg.hook)
+                run.output_scaling_factor = factor(cfg.hook_out) if cfg.is_transcoder else None
 
     # ---- metrics and logging ------------------------------------------------------------------------------------
 
@@ -546,8 +559,8 @@ class Trainer:
         """The SAE as trained so far (folded, SAELens inference form) with its metadata and feature sparsity (a
         cross-layer transcoder: an `nnsae.circuits.CrossLayerTranscoder`)."""
         if run.cfg.is_clt:
-            return run.model.export(run.scaling_factor)
-        sae = run.model.export(run.scaling_factor)
+            return run.model.export(run.scaling_factor, run.output_scaling_factor)
+        sae = run.model.export(run.scaling_factor, run.output_scaling_factor)
         sparsity = run.feature_sparsity()
         meta = {**run.metadata, "training_tokens": run.n_tokens,
                 "l0": float(sparsity.sum()) if run.n_frac_active_samples > 0 else None,
@@ -687,6 +700,7 @@ class Trainer:
             run.optimizer.load_state_dict(optimizer_state)
             run.n_steps, run.n_tokens = counters["n_steps"], counters["n_tokens"]
             run.scaling_factor, run.done = counters["scaling_factor"], counters["done"]
+            run.output_scaling_factor = counters.get("output_scaling_factor")
             run.n_frac_active_samples = counters["n_frac_active_samples"]
             run.act_freq_scores.copy_(tensors[f"{run.name}.act_freq_scores"])
             run.n_forward_passes_since_fired.copy_(tensors[f"{run.name}.n_forward_passes_since_fired"])
@@ -726,6 +740,13 @@ def _inputs(cfg: TrainConfig, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     if cfg.is_clt:
         return torch.stack([batch[h] for h in cfg.hook], 1), torch.stack([batch[h] for h in cfg.hook_out], 1)
     return batch[cfg.hook], batch[cfg.hook_out] if cfg.is_transcoder else None
+
+
+def _factor(factor: float | list[float], x: torch.Tensor) -> float | torch.Tensor:
+    """A scaling factor as a multiplier of `x`: a CLT's per-layer factors broadcast over [N, n_layers, d]."""
+    if isinstance(factor, list):
+        return torch.tensor(factor, dtype=x.dtype, device=x.device)[None, :, None]
+    return factor
 
 
 def _load_output(cfg: TrainConfig, folder: Path) -> Any:
