@@ -16,7 +16,8 @@ MLP inputs. Then the CE loss with every MLP output replaced (per-layer set, or C
 keeping the true MLP output, and its CE loss score against zero-ablating every MLP output:
 `(CE_ablated − CE_replaced) / (CE_ablated − CE_clean)`. The replacement is done with plain torch forward hooks.
 
-Run: `python -m benchmarks.transcoders_smollm2 [--out /work/tc-run] [--tokens 65536] [--batch 2048]`.
+Run: `python -m benchmarks.transcoders_smollm2 [--out /work/tc-run] [--tokens 65536] [--batch 2048] [--expansion 4]
+[--clt-expansion 2] [--norm-batches 2]`.
 Writes `{out}/run/` (the trained transcoders: SAELens folders and a circuit-tracer CLT folder) and
 `{out}/results.md`, `{out}/results.json`.
 """
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--expansion", type=float, default=4, help="per-layer transcoder width / d_model")
     parser.add_argument("--clt-expansion", type=float, default=2, help="CLT latents per layer / d_model")
     parser.add_argument("--eval-batches", type=int, default=4, help="held-out batches of 8 × 128 tokens")
+    parser.add_argument("--norm-batches", type=int, default=2, help="batches for the activation-norm estimate "
+                                                                     "(expected_average_only_in; 0: no scaling)")
     args = parser.parse_args()
     os.environ.setdefault("NNSAE_KEEP_FREED_HEAP", "1")
     from nnsae import load_smollm2
@@ -89,7 +92,11 @@ def main() -> None:
     n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
     ins = [f"blocks.{i}.mlp.hook_in" for i in range(n_layers)]
     outs = [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)]
-    common = dict(architecture="topk", k=args.k, training_tokens=args.tokens, eval_every=0, log_every=5)
+    # SmolLM2's MLP outputs range over orders of magnitude between layers (and tokens): each hook is scaled to mean
+    # norm √d_model for training (one factor per hook, folded into the saved weights).
+    scaling = dict(normalize_activations="expected_average_only_in", n_batches_for_norm_estimate=args.norm_batches) \
+        if args.norm_batches else {}
+    common = dict(architecture="topk", k=args.k, training_tokens=args.tokens, eval_every=0, log_every=5, **scaling)
     cfgs = [TrainConfig(hook=i, hook_out=o, expansion_factor=args.expansion, name=f"layer_{layer}", **common)
             for layer, (i, o) in enumerate(zip(ins, outs))]
     cfgs.append(TrainConfig(hook=ins, hook_out=outs, expansion_factor=args.clt_expansion, name="clt", **common))
@@ -145,7 +152,8 @@ def main() -> None:
     text = [f"Machine: {machine_line()}",
             f"Training: {args.tokens} tokens, batch {args.batch}, {n_layers} per-layer TopK transcoders (d_sae "
             f"{per_layer[0].cfg.d_sae}, k {args.k}) and a TopK CLT (d_sae {clt.d_transcoder} per layer, "
-            f"{clt.d_transcoder * n_layers} latents, k {args.k} per layer), one pass: {train_seconds:.0f} s.",
+            f"{clt.d_transcoder * n_layers} latents, k {args.k} per layer), one pass: {train_seconds:.0f} s; "
+            f"activation scaling: {'on' if args.norm_batches else 'off'}.",
             f"Held-out: {int(keep.sum())} tokens.", "",
             markdown_table(["layer", "transcoder EV", "transcoder L0", "CLT EV", "CLT L0"],
                            rows + [["mean", f"{mean('tc_ev'):.3f}", f"{mean('tc_l0'):.1f}", f"{mean('clt_ev'):.3f}",
