@@ -73,7 +73,7 @@ def _train_config_arguments(parser: argparse.ArgumentParser) -> None:
     aliases = {v: k for k, v in TRAIN_ALIASES.items()}
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("hook", "device"):  # --hook and --device are the command's own
+        if f.name in ("hook", "hook_out", "device"):  # the command's own flags (hook_out: see _transcoder_configs)
             continue
         flags = ["--" + f.name.replace("_", "-")] + (["--" + aliases[f.name]] if f.name in aliases else [])
         hint = str(hints[f.name])
@@ -89,16 +89,56 @@ def _train_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("hook", "device")}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if f.name not in ("hook", "hook_out", "device")}
     values["device"] = args.device
-    cfgs = [TrainConfig(**{**values, "hook": hook, "name": values["name"] if len(args.hook) == 1 else None})
-            for hook in args.hook]
+    hooks = list(args.hook or [])
+    single = len(hooks) == 1 and not (args.transcoder or args.clt)
+    cfgs = [TrainConfig(**{**values, "hook": hook, "skip_connection": False, "name": values["name"] if single else None})
+            for hook in hooks]
+    transcoder_cfgs, transcoder_hooks = _transcoder_configs(args, values)
+    cfgs += transcoder_cfgs
+    hooks += [h for h in transcoder_hooks if h not in hooks]
+    if not cfgs:
+        raise ValueError("Nothing to train: give --hook (one SAE per hook) and/or --transcoder / --clt with --layers.")
     model, tokenizer = load_model_arg(args.model, device=args.device)
-    store = ActivationStore(model, args.hook, args.dataset, tokenizer=tokenizer, context_size=_context_size(args),
+    store = ActivationStore(model, hooks, args.dataset, tokenizer=tokenizer, context_size=_context_size(args),
                             batch_size_tokens=args.batch_size_tokens, split=args.split or "train")
     saes = train(model, cfgs, store, args.out, resume=args.resume, overwrite=args.overwrite)
     for name in saes:
         print(f"Wrote {Path(args.out) / name}")
+
+
+def _transcoder_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "transcoders", "MLP transcoders: each layer's MLP input (blocks.L.mlp.hook_in) encoded to predict its MLP "
+        "output (blocks.L.hook_mlp_out); every other option applies to them as to SAEs (--skip-connection true adds "
+        "W_skip to per-layer transcoders)")
+    group.add_argument("--transcoder", action="store_true", help="one per-layer transcoder per layer of --layers")
+    group.add_argument("--clt", action="store_true", help="one cross-layer transcoder over --layers (0..n-1; "
+                                                          "architecture topk or jumprelu)")
+    group.add_argument("--layers", default=None, help="layers, e.g. 0-29 or 0,4,8-11")
+
+
+def _transcoder_configs(args: argparse.Namespace, values: dict) -> tuple[list[TrainConfig], list[str]]:
+    """(configs, store hooks) of the transcoders the command asks for."""
+    if not (args.transcoder or args.clt):
+        if args.layers is not None:
+            raise ValueError("--layers is for --transcoder / --clt.")
+        return [], []
+    if args.layers is None:
+        raise ValueError("--transcoder / --clt need --layers (e.g. --layers 0-29).")
+    layers = []
+    for part in args.layers.split(","):
+        first, _, last = part.strip().partition("-")
+        layers += list(range(int(first), int(last or first) + 1))
+    ins, outs = [f"blocks.{i}.mlp.hook_in" for i in layers], [f"blocks.{i}.hook_mlp_out" for i in layers]
+    cfgs = [TrainConfig(**{**values, "hook": i, "hook_out": o, "name": None}) for i, o in zip(ins, outs)] \
+        if args.transcoder else []
+    if args.clt:
+        cfgs.append(TrainConfig(**{**values, "hook": ins, "hook_out": outs, "skip_connection": False,
+                                   "name": None if args.transcoder else values["name"]}))
+    return cfgs, [h for pair in zip(ins, outs) for h in pair]
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
@@ -153,14 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="harvest activations and train SAEs (several hooks share one model pass)")
     _model_arguments(p)
-    p.add_argument("--hook", action="append", required=True, help="HF module path or TransformerLens hook name "
-                                                                   "(repeatable: one SAE per hook)")
+    p.add_argument("--hook", action="append", help="HF module path or TransformerLens hook name "
+                                                    "(repeatable: one SAE per hook)")
     p.add_argument("--batch-size-tokens", type=int, default=4096)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds (another run, or files "
                                                             "nnsae did not write)")
     _train_config_arguments(p)
+    _transcoder_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="SAELens metrics (L0, explained variance, CE/KL scores, ...) of SAEs")

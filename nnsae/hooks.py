@@ -26,7 +26,8 @@ import torch
 
 from nnsae.seam import unwrap_model
 
-__all__ = ["HookPoint", "HookSpec", "hook_label", "is_tl_hook", "resolve_hook", "tl_hook_names", "translate_tl_hook", "get_module"]
+__all__ = ["HookPoint", "HookSpec", "hook_label", "is_tl_hook", "mlp_points", "resolve_hook", "tl_hook_names",
+           "translate_tl_hook", "get_module"]
 
 NormKind = Literal["layernorm", "rmsnorm"]
 
@@ -262,6 +263,21 @@ def translate_tl_hook(hook_name: str, config: Any) -> HookPoint:
         return HookPoint(f"{layer}.{family.mlp_out_proj}", "input")
     norm = family.ln1 if hook == "ln1.hook_normalized" else family.ln2
     return HookPoint(f"{layer}.{norm}", "input", normalize=family.norm, eps=eps)
+
+
+MLP_IN_HOOK, MLP_OUT_HOOK = "mlp.hook_in", "hook_mlp_out"  # the TL names of a transcoder's read and write points
+
+
+def mlp_points(model: Any, layer: int) -> HookSpec:
+    """Where a transcoder of ``layer`` reads (the MLP's input) and writes (the MLP's output) in ``model``.
+
+    Per family: GPT-2 ``ln_2`` output / ``mlp`` output; Llama, Qwen, Mistral ``post_attention_layernorm`` output /
+    ``mlp`` output; Gemma 2/3 ``pre_feedforward_layernorm`` output / ``post_feedforward_layernorm`` output (where
+    SAELens' Gemma Scope transcoders read and write). These are TL's ``blocks.L.mlp.hook_in`` and
+    ``blocks.L.hook_mlp_out``, so the names `resolve_hook` translates give the same points.
+    """
+    return HookSpec(read=resolve_hook(model, f"blocks.{layer}.{MLP_IN_HOOK}").read,
+                    write=resolve_hook(model, f"blocks.{layer}.{MLP_OUT_HOOK}").read)
 
 
 HookTarget = Any  # str (HF path or TL name) | HookPoint | HookSpec | SAE

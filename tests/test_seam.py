@@ -61,7 +61,8 @@ def test_only_the_seam_touches_nnsight_and_torch_internals():
 # splice() == attach, for every architecture and reshape
 # ---------------------------------------------------------------------------------------------------------------
 
-TRANSCODERS = {"transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"}
+TRANSCODERS = {"transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder", "topk_transcoder",
+               "topk_skip_transcoder"}
 
 
 def make_sae(architecture: str) -> tuple[SAE, dict]:
@@ -71,7 +72,7 @@ def make_sae(architecture: str) -> tuple[SAE, dict]:
                    metadata={"hook_name": "blocks.1.mlp.hook_in", "hook_name_out": "blocks.1.hook_mlp_out"})
     else:
         cfg["metadata"] = {"hook_name": "blocks.1.hook_resid_post"}
-    if architecture in ("topk", "abstopk"):
+    if "topk" in architecture:
         cfg["k"] = 8
     sae = SAE.from_config(SAEConfig(**cfg))
     g = torch.Generator().manual_seed(5)

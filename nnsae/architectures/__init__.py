@@ -8,7 +8,8 @@ from nnsae.architectures.gated import GatedSAE
 from nnsae.architectures.jumprelu import JumpReLUSAE
 from nnsae.architectures.standard import StandardSAE
 from nnsae.architectures.topk import AbsTopKSAE, TopKSAE
-from nnsae.architectures.transcoder import JumpReLUSkipTranscoder, JumpReLUTranscoder, SkipTranscoder, Transcoder
+from nnsae.architectures.transcoder import (JumpReLUSkipTranscoder, JumpReLUTranscoder, SkipTranscoder,
+                                           TopKSkipTranscoder, TopKTranscoder, Transcoder)
 from nnsae.config import ARCHITECTURES, architecture_class
 
 
@@ -21,11 +22,12 @@ def register_architecture(cls: type[SAE]) -> type[SAE]:
 
 
 for _builtin in (StandardSAE, GatedSAE, JumpReLUSAE, TopKSAE, AbsTopKSAE, Transcoder, SkipTranscoder,
-                 JumpReLUTranscoder, JumpReLUSkipTranscoder):
+                 JumpReLUTranscoder, JumpReLUSkipTranscoder, TopKTranscoder, TopKSkipTranscoder):
     register_architecture(_builtin)
 del _builtin
 
 
 __all__ = ["ARCHITECTURES", "SAE", "AbsTopKSAE", "GatedSAE", "JumpReLUSAE", "JumpReLUSkipTranscoder",
-           "JumpReLUTranscoder", "SkipTranscoder", "StandardSAE", "TopKSAE", "Transcoder", "architecture_class",
+           "JumpReLUTranscoder", "SkipTranscoder", "StandardSAE", "TopKSAE", "TopKSkipTranscoder", "TopKTranscoder",
+           "Transcoder", "architecture_class",
            "register_architecture"]

@@ -7,6 +7,7 @@ from torch import nn
 
 from nnsae.architectures.base import SAE
 from nnsae.architectures.jumprelu import JumpReLUSAE
+from nnsae.architectures.topk import TopKSAE
 
 
 class Transcoder(SAE):
@@ -63,4 +64,31 @@ class JumpReLUTranscoder(Transcoder):
 class JumpReLUSkipTranscoder(JumpReLUTranscoder):
     architecture = "jumprelu_skip_transcoder"
     param_shapes = {**JumpReLUTranscoder.param_shapes, "W_skip": "out,in"}
+    encode_decode = SkipTranscoder.encode_decode
+
+
+class TopKTranscoder(Transcoder):
+    """TopK transcoder (nnsae's; SAELens has none): the k largest pre-activations per token, ReLU'd, as SAELens'
+    TopK SAE selects them (`rescale_acts_by_decoder_norm` selects on z·‖W_dec_i‖), decoded into the output space.
+    Trained TopK transcoders are saved with the norms folded (rescale false)."""
+
+    architecture = "topk_transcoder"
+    config_fields = ("d_out", "k", "rescale_acts_by_decoder_norm")
+    absolute = False
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        Transcoder.check_config(cfg)
+        TopKSAE.check_config(cfg)
+
+    activation = TopKSAE.activation
+    select = TopKSAE.select
+    _scatter = TopKSAE._scatter
+    decoder_matmul = TopKSAE.decoder_matmul
+    fold_W_dec_norm = TopKSAE.fold_W_dec_norm
+
+
+class TopKSkipTranscoder(TopKTranscoder):
+    architecture = "topk_skip_transcoder"
+    param_shapes = {**TopKTranscoder.param_shapes, "W_skip": "out,in"}
     encode_decode = SkipTranscoder.encode_decode

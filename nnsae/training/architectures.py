@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from nnsae.training.base import TrainingSAE
+from nnsae.training.clt import CrossLayerTrainingSAE
 from nnsae.training.batchtopk import BatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAE
 from nnsae.training.config import TRAINABLE_ARCHITECTURES, TrainConfig
 from nnsae.training.gated import GatedTrainingSAE
@@ -18,6 +19,9 @@ TRAINING_CLASSES: dict[str, type[TrainingSAE]] = {
 assert set(TRAINING_CLASSES) == set(TRAINABLE_ARCHITECTURES)
 
 
-def make_training_sae(cfg: TrainConfig, d_in: int) -> TrainingSAE:
-    """A freshly initialised training SAE for a resolved config."""
-    return TRAINING_CLASSES[cfg.architecture](cfg, d_in)
+def make_training_sae(cfg: TrainConfig, d_in: int, d_out: int | None = None) -> TrainingSAE | CrossLayerTrainingSAE:
+    """A freshly initialised training SAE (a transcoder when `cfg.hook_out` is set, reading d_in and writing d_out; a
+    cross-layer transcoder when the hooks are lists) for a resolved config."""
+    if cfg.is_clt:
+        return CrossLayerTrainingSAE(cfg, d_in, d_out)
+    return TRAINING_CLASSES[cfg.architecture](cfg, d_in, d_out)

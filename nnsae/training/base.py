@@ -28,13 +28,14 @@ class StepContext:
     coefficients: dict[str, float] = field(default_factory=dict)  # scheduled sparsity coefficients
     dead_mask: torch.Tensor | None = None  # (d_sae,) bool, latents dead before this step
     comm: Any = None  # nnsae.training.distributed.Comm in data-parallel runs
+    target: torch.Tensor | None = None  # transcoders: what the output should be (None: the input itself)
 
 
 @dataclass
 class StepOutput:
     loss: torch.Tensor
     losses: dict[str, torch.Tensor]  # "mse_loss", "l1_loss", ... (summed into `loss`)
-    x: torch.Tensor  # the input the SAE reconstructs
+    x: torch.Tensor  # what the SAE reconstructs (a transcoder's target)
     x_hat: torch.Tensor  # its reconstruction
     fired: torch.Tensor  # (d_sae,) number of tokens in which each latent was non-zero
     l0: torch.Tensor  # mean number of non-zero latents per token
@@ -46,27 +47,48 @@ def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class TrainingSAE(nn.Module):
-    """Base class. Subclasses set `architecture`, `holder_architecture` and implement `forward`."""
+    """Base class. Subclasses set `architecture`, `holder_architecture` and implement `forward`.
+
+    A transcoder (`cfg.hook_out` set) reads `x` (d_in) and predicts `ctx.target` (d_out): its parameters live in a
+    SAELens transcoder (`transcoder_holder`, or its `skip_` form with `W_skip` [d_out, d_in] when
+    `cfg.skip_connection`), its input gets no b_dec subtraction, and `x̂` includes the skip path `x W_skipᵀ`."""
 
     architecture: ClassVar[str]
     holder_architecture: ClassVar[str]  # the inference SAE class whose parameters are trained
+    transcoder_holder: ClassVar[str] = "transcoder"  # the same, for transcoders (without the skip connection)
     coefficients: ClassVar[dict[str, tuple[str, str]]] = {}  # name → (TrainConfig value field, warm-up field)
 
-    def __init__(self, cfg: TrainConfig, d_in: int):
+    def __init__(self, cfg: TrainConfig, d_in: int, d_out: int | None = None):
         nn.Module.__init__(self)
         if cfg.d_sae is None or cfg.lr is None:
             raise ValueError("TrainingSAE needs a resolved TrainConfig (cfg.resolve(d_in, batch_size_tokens)).")
         self.cfg = cfg
         self.d_in = d_in
+        self.d_out = (d_out or d_in) if cfg.is_transcoder else d_in
+        self.n_latents = cfg.d_sae
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.sae = SAE.from_config(self.holder_config())
             self.initialize()
         self.sae.to(torch.device(cfg.device))
 
+    @property
+    def transcoder(self) -> bool:
+        return self.cfg.is_transcoder
+
+    def holder_name(self) -> str:
+        if not self.transcoder:
+            return self.holder_architecture
+        if not self.cfg.skip_connection:
+            return self.transcoder_holder
+        return self.transcoder_holder.replace("transcoder", "skip_transcoder")
+
     def holder_config(self) -> SAEConfig:
         cfg = self.cfg
         extra: dict[str, Any] = {}
+        if self.transcoder:
+            return SAEConfig(d_in=self.d_in, d_sae=cfg.d_sae, dtype=cfg.dtype, device="cpu",
+                             apply_b_dec_to_input=False, architecture=self.holder_name(), d_out=self.d_out)
         if self.holder_architecture in ("topk", "abstopk"):
             extra = dict(k=int(cfg.k), rescale_acts_by_decoder_norm=cfg.rescale_acts_by_decoder_norm)
         return SAEConfig(d_in=self.d_in, d_sae=cfg.d_sae, dtype=cfg.dtype, device="cpu",
@@ -80,7 +102,31 @@ class TrainingSAE(nn.Module):
             if self.cfg.decoder_init_norm is not None:
                 W_dec = self.sae.W_dec
                 W_dec.div_(W_dec.norm(dim=-1, keepdim=True)).mul_(self.cfg.decoder_init_norm)
-            self.sae.W_enc.copy_(self.sae.W_dec.T)
+            if not self.transcoder:
+                self.sae.W_enc.copy_(self.sae.W_dec.T)
+                return
+            # A transcoder's encoder reads another space than its decoder writes: drawn on its own, its columns
+            # scaled like the decoder rows (W_skip and the biases start at zero, as in SAELens).
+            W_enc = torch.empty(self.cfg.d_sae, self.d_in, dtype=self.sae.W_enc.dtype)
+            nn.init.kaiming_uniform_(W_enc)
+            if self.cfg.decoder_init_norm is not None:
+                W_enc.div_(W_enc.norm(dim=-1, keepdim=True)).mul_(self.cfg.decoder_init_norm)
+            self.sae.W_enc.copy_(W_enc.T)
+            for name in ("b_enc", "b_dec", "W_skip"):
+                if hasattr(self.sae, name):
+                    getattr(self.sae, name).zero_()
+
+    def target(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """What x̂ is compared with: the transcoder's target, else the input (both in the training dtype)."""
+        if not self.transcoder:
+            return x
+        if ctx.target is None:
+            raise ValueError("A transcoder's training step needs ctx.target (the activation at hook_out).")
+        return ctx.target.to(self.dtype)
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor | float:
+        """The skip path x W_skipᵀ of a skip transcoder (0 otherwise)."""
+        return x @ self.sae.W_skip.T if self.transcoder and self.cfg.skip_connection else 0.0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -104,14 +150,24 @@ class TrainingSAE(nn.Module):
 
     # ---- export -------------------------------------------------------------------------------------------------
 
-    def export(self, scaling_factor: float | None = None) -> SAE:
+    def export(self, scaling_factor: float | None = None, output_scaling_factor: float | None = None) -> SAE:
         """The inference SAE, SAELens' `save_inference_model` form: the activation scaling factor folded
-        (`W_enc·s, W_dec/s, b_dec/s`), plus the architecture's own export rules (`export_rules`)."""
+        (`W_enc·s, W_dec/s, b_dec/s`; a transcoder trained on `s_in·x` to predict `s_out·y`: `W_enc·s_in`,
+        `W_dec/s_out`, `b_dec/s_out`, `W_skip·s_in/s_out`), plus the architecture's own export rules
+        (`export_rules`, given the factor its decoder was divided by)."""
         sae = copy.deepcopy(self.sae)
         for p in sae.parameters():
             p.requires_grad_(False)
             p.data = p.data.contiguous()
-        if scaling_factor is not None:
+        if scaling_factor is not None and self.transcoder:
+            with torch.no_grad():
+                sae.W_enc.mul_(scaling_factor)
+                sae.W_dec.div_(output_scaling_factor)
+                sae.b_dec.div_(output_scaling_factor)
+                if self.cfg.skip_connection:
+                    sae.W_skip.mul_(scaling_factor / output_scaling_factor)
+            scaling_factor = output_scaling_factor
+        elif scaling_factor is not None:
             sae.fold_activation_norm_scaling_factor(scaling_factor)
         sae = self.export_rules(sae, scaling_factor)
         for p in sae.parameters():
@@ -138,8 +194,8 @@ class DensityAdaptive(TrainingSAE):
 
     SPARSE_MAX_DENSITY = 0.08
 
-    def __init__(self, cfg: TrainConfig, d_in: int):
-        TrainingSAE.__init__(self, cfg, d_in)
+    def __init__(self, cfg: TrainConfig, d_in: int, d_out: int | None = None):
+        TrainingSAE.__init__(self, cfg, d_in, d_out)
         self.register_buffer("density", torch.tensor(1.0, dtype=torch.float64, device=cfg.device))
 
     def use_sparse(self, ctx: StepContext) -> bool:

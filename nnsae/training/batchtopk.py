@@ -21,19 +21,18 @@ from __future__ import annotations
 
 import torch
 
-from nnsae.config import SAEConfig
 from nnsae.architectures import SAE
 from nnsae.training.base import StepContext
 from nnsae.training.sparse import Pattern, top_positive_flat
-from nnsae.training.topk import TopKTrainingSAE
+from nnsae.training.topk import TopKTrainingSAE, convert_holder
 
 
 class BatchTopKTrainingSAE(TopKTrainingSAE):
     architecture = "batchtopk"
     holder_architecture = "standard"  # same parameters (W_enc, W_dec, b_enc, b_dec); exported as jumprelu
 
-    def __init__(self, cfg, d_in):
-        TopKTrainingSAE.__init__(self, cfg, d_in)
+    def __init__(self, cfg, d_in, d_out=None):
+        TopKTrainingSAE.__init__(self, cfg, d_in, d_out)
         self.register_buffer("topk_threshold", torch.tensor(0.0, dtype=torch.float64, device=cfg.device))
 
     def select(self, x, h, norms, ctx):
@@ -92,14 +91,12 @@ class BatchTopKTrainingSAE(TopKTrainingSAE):
         if self.rescale:
             if scaling_factor is not None:
                 theta /= scaling_factor  # θ is in units of z·‖W_dec_i‖ and the fold divided W_dec by s
-            sae.fold_W_dec_norm()
-        cfg = SAEConfig(d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, dtype=sae.cfg.dtype, device=sae.cfg.device,
-                        apply_b_dec_to_input=sae.cfg.apply_b_dec_to_input,
-                        normalize_activations=sae.cfg.normalize_activations, metadata=sae.cfg.metadata,
-                        architecture="jumprelu")
-        state = {name: p.detach() for name, p in sae.state_dict().items()}
-        state["threshold"] = torch.full_like(state["b_enc"], theta)
-        return SAE.from_dict(cfg, state)
+            SAE.fold_W_dec_norm(sae)
+        if not self.transcoder:
+            architecture = "jumprelu"
+        else:  # as SAELens saves BatchTopK SAEs: the JumpReLU form of the threshold inference
+            architecture = "jumprelu_skip_transcoder" if self.cfg.skip_connection else "jumprelu_transcoder"
+        return convert_holder(sae, architecture, extra={"threshold": torch.full_like(sae.b_enc.detach(), theta)})
 
 
 class MatryoshkaBatchTopKTrainingSAE(BatchTopKTrainingSAE):
@@ -109,9 +106,9 @@ class MatryoshkaBatchTopKTrainingSAE(BatchTopKTrainingSAE):
         widths = self.cfg.matryoshka_widths
         return list(zip([0, *widths[:-1]], widths))
 
-    def reconstruct(self, acts, pattern, norms):
-        """x̂ = b_dec + Σ over levels, accumulated level by level; the partial sums are the inner reconstructions."""
-        decoded, partials = self.sae.b_dec, []
+    def reconstruct(self, acts, pattern, norms, base):
+        """x̂ = base + Σ over levels, accumulated level by level; the partial sums are the inner reconstructions."""
+        decoded, partials = base, []
         for lo, hi in self.levels():
             mask = (pattern.cols >= lo) & (pattern.cols < hi)
             decoded = self.decode_at(acts[mask], pattern.subset(mask), norms) + decoded

@@ -28,6 +28,9 @@ LR_SCHEDULER_ALIASES = {"cosine": "cosineannealing", "cosine_restarts": "cosinea
 JUMPRELU_MODES = ("step", "tanh", "quadratic")
 NORMALIZATIONS = ("none", "expected_average_only_in")
 TRAIN_DTYPES = ("float32", "float64")
+# Transcoders (`hook_out` set) train with these; cross-layer transcoders (lists of hooks) with the last two.
+TRANSCODER_ARCHITECTURES = ("standard", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk")
+CLT_ARCHITECTURES = ("topk", "jumprelu")
 
 # Fields that describe how the SAE was trained but are not part of the inference config: written to the exported
 # cfg.json as metadata.training_architecture_details (SAELens does the same).
@@ -43,7 +46,11 @@ class TrainConfig:
     """Hyper-parameters of one SAE. Defaults are SAELens 6's (LanguageModelSAERunnerConfig + TrainingSAEConfig)."""
 
     architecture: str = "topk"
-    hook: str | None = None  # a key of the store's batches; None = the store's only hook
+    hook: str | list[str] | None = None  # a key of the store's batches; None = the store's only hook
+    # Transcoders: `hook` is the input (MLP input) and `hook_out` the activation to predict (MLP output). A
+    # cross-layer transcoder gives one input and one output hook per layer, layers 0..n-1 in order, as lists.
+    hook_out: str | list[str] | None = None
+    skip_connection: bool = False  # transcoders: a linear skip path x W_skipᵀ (SAELens' skip_transcoder)
     d_sae: int | None = None
     expansion_factor: float | None = None  # d_sae = round(expansion_factor · d_in) when d_sae is None
     k: float = 100  # topk/abstopk: an int per token; batchtopk/matryoshka: the mean per token (float)
@@ -79,7 +86,7 @@ class TrainConfig:
     use_matryoshka_aux_loss: bool = False
     # weights and inputs
     decoder_init_norm: float | None = 0.1
-    apply_b_dec_to_input: bool = True
+    apply_b_dec_to_input: bool = True  # always False for transcoders (SAELens' transcoders reject it)
     normalize_activations: str = "none"  # none | expected_average_only_in
     n_batches_for_norm_estimate: int = 1000
     # dead features
@@ -156,6 +163,52 @@ class TrainConfig:
         if arch == "matryoshka_batchtopk" and not self.matryoshka_widths:
             raise ValueError("matryoshka_batchtopk needs matryoshka_widths (the nested prefix widths).")
         self.matryoshka_widths = [int(w) for w in self.matryoshka_widths]
+        self._check_transcoder()
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.hook_out is not None
+
+    @property
+    def is_clt(self) -> bool:
+        return isinstance(self.hook, (list, tuple))
+
+    @property
+    def hooks(self) -> list[str]:
+        """Every store hook this config reads (inputs, then outputs)."""
+        return [h for side in (self.hook, self.hook_out) if side is not None
+                for h in (side if isinstance(side, list) else [side])]
+
+    def _check_transcoder(self) -> None:
+        arch = self.architecture
+        if isinstance(self.hook, tuple):
+            self.hook = list(self.hook)
+        if isinstance(self.hook_out, tuple):
+            self.hook_out = list(self.hook_out)
+        if self.skip_connection and self.hook_out is None:
+            raise ValueError("skip_connection=True is for transcoders: set hook_out (the activation to predict).")
+        if self.is_clt or isinstance(self.hook_out, list):
+            if not (isinstance(self.hook, list) and isinstance(self.hook_out, list) and self.hook
+                    and len(self.hook) == len(self.hook_out)):
+                raise ValueError("A cross-layer transcoder needs hook and hook_out as lists of equal length (one input "
+                                 f"and one output hook per layer), got hook={self.hook!r}, hook_out={self.hook_out!r}.")
+            if arch not in CLT_ARCHITECTURES:
+                raise ValueError(f"Cross-layer transcoders train with architecture in {CLT_ARCHITECTURES}, got "
+                                 f"{arch!r}.")
+            if self.skip_connection:
+                raise ValueError("Cross-layer transcoders have no skip connection (circuit-tracer's layout has none).")
+            if self.autocast:
+                raise ValueError("Cross-layer transcoders train without autocast (set autocast=False).")
+            if arch == "jumprelu" and (self.jumprelu_sparsity_loss_mode != "step"
+                                       or self.pre_act_loss_coefficient is not None):
+                raise ValueError("JumpReLU cross-layer transcoders train with jumprelu_sparsity_loss_mode='step' and "
+                                 "no pre_act_loss_coefficient.")
+        if self.hook_out is None:
+            return
+        if arch not in TRANSCODER_ARCHITECTURES:
+            raise ValueError(f"Transcoders train with architecture in {TRANSCODER_ARCHITECTURES}, got {arch!r}.")
+        # SAELens' transcoder configs reject apply_b_dec_to_input (b_dec lives in the output space).
+        self.apply_b_dec_to_input = False
 
     # ---- resolution against the store ---------------------------------------------------------------------------
 
@@ -195,7 +248,13 @@ class TrainConfig:
         return cfg
 
     def default_name(self) -> str:
-        hook = (self.hook or "sae").replace("/", "_")
+        if self.is_clt:
+            hook = f"clt-{self.hook[0]}-{len(self.hook)}layers"
+        else:
+            hook = self.hook or "sae"
+            if self.hook_out is not None:
+                hook = f"{hook}-to-{self.hook_out}" + ("-skip" if self.skip_connection else "")
+        hook = hook.replace("/", "_")
         name = f"{hook}-{self.architecture}-{self.d_sae}"
         if self.architecture in TOPK_FAMILY:
             k = self.k

@@ -77,6 +77,7 @@ def step(z: torch.Tensor, theta: torch.Tensor, bandwidth: float, ste_to_input: b
 class JumpReLUTrainingSAE(DensityAdaptive):
     architecture = "jumprelu"
     holder_architecture = "jumprelu"
+    transcoder_holder = "jumprelu_transcoder"
     coefficients = {"l0": ("l0_coefficient", "l0_warm_up_steps")}
 
     def initialize(self) -> None:
@@ -100,8 +101,9 @@ class JumpReLUTrainingSAE(DensityAdaptive):
             z = x_in @ sae.W_enc + sae.b_enc
             theta = sae.threshold.to(z.dtype)
             f = jumprelu(z, theta, cfg.jumprelu_bandwidth, cfg.jumprelu_ste_to_input)
-            x_hat = f @ sae.W_dec + sae.b_dec
-            mse_loss = mse(x_hat, x)
+            y = self.target(x, ctx)
+            x_hat = f @ sae.W_dec + sae.b_dec + self.skip(x)
+            mse_loss = mse(x_hat, y)
             W_dec_norm = sae.W_dec.norm(dim=1)
             c = ctx.coefficients["l0"]
             if cfg.jumprelu_sparsity_loss_mode == "tanh":
@@ -122,7 +124,7 @@ class JumpReLUTrainingSAE(DensityAdaptive):
         if cfg.sparse_kernels:  # active (z > θ) or in the STE window (|z − θ| < ε/2)  ⇔  z > θ − ε/2
             self.record_density(z.detach() > theta.detach() - cfg.jumprelu_bandwidth / 2)
         loss = sum(losses.values())
-        return StepOutput(loss, losses, x, x_hat, fired, l0)
+        return StepOutput(loss, losses, y, x_hat, fired, l0)
 
     def _sparse_forward(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
         sae, cfg = self.sae, self.cfg
@@ -139,8 +141,9 @@ class JumpReLUTrainingSAE(DensityAdaptive):
         z_p = sparse.preacts(x, b_dec, sae.W_enc, sae.b_enc, values, pattern)
         theta_p = sparse.at(sae.threshold.to(z_p.dtype), pattern.cols)
         f_p = jumprelu(z_p, theta_p, cfg.jumprelu_bandwidth, cfg.jumprelu_ste_to_input)
-        x_hat = sparse.decode(sae.W_dec, f_p, pattern) + sae.b_dec
-        losses = {"mse_loss": mse(x_hat, x)}
+        y = self.target(x, ctx)
+        x_hat = sparse.decode(sae.W_dec, f_p, pattern) + sae.b_dec + self.skip(x)
+        losses = {"mse_loss": mse(x_hat, y)}
         c = ctx.coefficients["l0"]
         if cfg.jumprelu_sparsity_loss_mode == "tanh":
             W_dec_norm = sae.W_dec.norm(dim=1)
@@ -155,4 +158,4 @@ class JumpReLUTrainingSAE(DensityAdaptive):
             active = f_p.detach() != 0
             fired = torch.bincount(pattern.cols[active], minlength=n_cols).to(torch.float32)
             l0 = active.sum().to(torch.float32) / n_rows
-        return StepOutput(sum(losses.values()), losses, x, x_hat, fired, l0)
+        return StepOutput(sum(losses.values()), losses, y, x_hat, fired, l0)

@@ -16,11 +16,14 @@ dot products and the exact top k kept, so rounding and bf16 ties do not bias whi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from nnsae import kernels
 from nnsae.architectures import SAE
+from nnsae.config import SAEConfig
 from nnsae.training import sparse
 from nnsae.training.base import StepContext, StepOutput, TrainingSAE, mse
 from nnsae.training.sparse import Pattern
@@ -144,10 +147,11 @@ class TopKTrainingSAE(TrainingSAE):
         with self.autocast():
             return sparse.to_dense(coef, pattern) @ W_dec
 
-    def reconstruct(self, acts: torch.Tensor, pattern: Pattern, norms: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-        """(x̂, [(width, partial reconstruction)] for nested architectures)."""
-        return self.decode_at(acts, pattern, norms) + self.sae.b_dec, []
+    def reconstruct(self, acts: torch.Tensor, pattern: Pattern, norms: torch.Tensor | None,
+                    base: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+        """(x̂, [(width, partial reconstruction)] for nested architectures); `base` is what x̂ has without any
+        latent (b_dec, plus a skip transcoder's skip path)."""
+        return self.decode_at(acts, pattern, norms) + base, []
 
     # ---- the step -----------------------------------------------------------------------------------------------
 
@@ -161,6 +165,7 @@ class TopKTrainingSAE(TrainingSAE):
     def _forward(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
         sae = self.sae
         x = x.to(self.dtype)
+        y = self.target(x, ctx)
         norms = sae.W_dec.norm(dim=-1) if self.rescale else None
         if self.cfg.sparse_kernels:
             h = self.selection_preacts(x, None if norms is None else norms.detach())  # bf16 with autocast
@@ -171,13 +176,13 @@ class TopKTrainingSAE(TrainingSAE):
         groups = self.aux_groups(x, h, norms_d, dead) if dead is not None and bool(dead.any()) else []
         pattern, raw = self.select(x, h, norms_d, ctx)
         acts = self.activation(self.hidden_at(x, raw, pattern, norms))
-        x_hat, partials = self.reconstruct(acts, pattern, norms)
-        losses = {"mse_loss": mse(x_hat, x)}
+        x_hat, partials = self.reconstruct(acts, pattern, norms, sae.b_dec + self.skip(x))
+        losses = {"mse_loss": mse(x_hat, y)}
         for width, partial in partials[:-1]:
-            losses[f"inner_mse_loss_{width}"] = mse(partial, x)
+            losses[f"inner_mse_loss_{width}"] = mse(partial, y)
         aux = x_hat.new_zeros(())
         for aux_pattern, aux_raw, scale, level in groups:
-            residual = x - (x_hat if level is None else partials[level][1])
+            residual = y - (x_hat if level is None else partials[level][1])
             recons = self.decode_at(self.hidden_at(x, aux_raw, aux_pattern, norms), aux_pattern, norms)
             aux = aux + scale * mse(recons, residual.detach())
         losses["auxiliary_reconstruction_loss"] = self.cfg.aux_loss_coefficient * aux
@@ -186,7 +191,7 @@ class TopKTrainingSAE(TrainingSAE):
             active = acts.detach() != 0
             fired = torch.bincount(pattern.cols[active], minlength=self.cfg.d_sae).to(torch.float32)
             l0 = active.sum().to(torch.float32) / x.shape[0]
-        return StepOutput(sum(losses.values()), losses, x, x_hat, fired, l0, metrics)
+        return StepOutput(sum(losses.values()), losses, y, x_hat, fired, l0, metrics)
 
     def after_forward(self, acts: torch.Tensor, ctx: StepContext) -> dict[str, float]:
         return {}
@@ -194,9 +199,30 @@ class TopKTrainingSAE(TrainingSAE):
     # ---- export -------------------------------------------------------------------------------------------------
 
     def export_rules(self, sae: SAE, scaling_factor: float | None) -> SAE:
+        if self.transcoder:
+            return self.export_transcoder(sae)
         if self.rescale:
             sae.fold_W_dec_norm()  # SAELens saves TopK with the norms folded (rescale flag kept, now a no-op)
         return sae
+
+    def export_transcoder(self, sae: SAE) -> SAE:
+        """SAELens has no TopK transcoder: nnsae's `topk_transcoder` (`topk_skip_transcoder`), the norms folded so
+        that it selects on the plain pre-activation (rescale_acts_by_decoder_norm false)."""
+        if self.rescale:
+            SAE.fold_W_dec_norm(sae)
+        architecture = "topk_skip_transcoder" if self.cfg.skip_connection else "topk_transcoder"
+        return convert_holder(sae, architecture, k=int(self.cfg.k))
+
+
+def convert_holder(sae: SAE, architecture: str, **fields: Any) -> SAE:
+    """The trained holder's parameters (plus `fields.pop("extra", {})` tensors) as an SAE of `architecture`."""
+    extra = fields.pop("extra", {})
+    cfg = SAEConfig(d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, dtype=sae.cfg.dtype, device=sae.cfg.device,
+                    apply_b_dec_to_input=sae.cfg.apply_b_dec_to_input,
+                    normalize_activations=sae.cfg.normalize_activations, metadata=sae.cfg.metadata,
+                    architecture=architecture, d_out=sae.cfg.d_out, **fields)
+    state = {name: p.detach() for name, p in sae.state_dict().items()}
+    return SAE.from_dict(cfg, {**state, **extra})
 
 
 class AbsTopKTrainingSAE(TopKTrainingSAE):

@@ -1,6 +1,8 @@
 """`train()`: several SAEs from one pass over an activation store, with SAELens 6 training semantics.
 
-Each batch dict from the store feeds every SAE whose hook it holds. Per SAE and step (as SAELens'
+Each batch dict from the store feeds every SAE whose hooks it holds: an SAE reads `hook`; a transcoder reads `hook`
+and predicts `hook_out` (the store harvests both from the same forward); a cross-layer transcoder reads and predicts
+lists of them (`nnsae.training.clt`). Per SAE and step (as SAELens'
 `SAETrainer`): reset the firing-rate window every `feature_sampling_window` steps; dead latents are those not
 fired for more than `dead_feature_window` steps; forward (losses); backward; clip the gradient norm to 1.0; Adam
 (no weight decay) at the scheduled lr; the sparsity coefficients follow their warm-up.
@@ -9,7 +11,9 @@ Outputs under `out`:
 - `{out}/{name}/`: the inference SAE in SAELens layout (cfg.json with metadata from `store.metadata(hook)` plus
   training_tokens, l0, num_dead_features, training_architecture(_details); sae_weights.safetensors;
   sparsity.safetensors), `train_config.json` (the resolved TrainConfig) and `metrics.jsonl` (one line per logged
-  step).
+  step). Transcoders are SAELens transcoders (`transcoder`, `skip_transcoder`, `jumprelu_(skip_)transcoder`; TopK:
+  nnsae's `topk_(skip_)transcoder`) with `hook_name_out`/`hf_hook_name_out` metadata; a cross-layer transcoder is
+  a circuit-tracer `cross_layer_transcoder` directory (`nnsae.circuits.save_transcoders`) with its firing rates.
 - `{out}/run.json`: the run's configs and the store's identity (fingerprints of model, tokenizer and data; a directory
   holding a different run is refused before any compute).
 - `{out}/.lock`: held while a run is in progress; a second trainer on the same `out` is refused.
@@ -20,7 +24,8 @@ Outputs under `out`:
 
 Every `eval_every` steps, the SAE being trained is spliced into the model on `n_eval_batches` held-out token batches
 (`store.held_out_batches`) and SAELens' `model_performance_preservation/ce_loss_score` and
-`model_behavior_preservation/kl_div_score` (with their CE/KL parts) go to `metrics.jsonl` (and wandb).
+`model_behavior_preservation/kl_div_score` (with their CE/KL parts) go to `metrics.jsonl` (and wandb); a transcoder
+replaces its output hook's activation; cross-layer transcoders are not evaluated during training.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import Any, Iterator
 
 import torch
 
+from nnsae.circuits import load_transcoders, save_transcoders
 from nnsae.config import SAEMetadata
 from nnsae.evals import ce_kl_metrics
 from nnsae.harvest import release_free_memory
@@ -80,7 +86,8 @@ class _Run:
     metadata: dict[str, Any]
     n_steps: int = 0
     n_tokens: int = 0
-    scaling_factor: float | None = None
+    scaling_factor: float | list[float] | None = None  # expected_average_only_in (a CLT: one per layer)
+    output_scaling_factor: float | list[float] | None = None  # the same for a transcoder's target
     done: bool = False
     act_freq_scores: torch.Tensor = field(default=None)  # type: ignore[assignment]
     n_forward_passes_since_fired: torch.Tensor = field(default=None)  # type: ignore[assignment]
@@ -88,9 +95,9 @@ class _Run:
     last: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        d_sae = self.cfg.d_sae
-        self.act_freq_scores = torch.zeros(d_sae, device=self.cfg.device)
-        self.n_forward_passes_since_fired = torch.zeros(d_sae, device=self.cfg.device)
+        n_latents = self.model.n_latents  # a CLT's latents: those of every layer, layer-major
+        self.act_freq_scores = torch.zeros(n_latents, device=self.cfg.device)
+        self.n_forward_passes_since_fired = torch.zeros(n_latents, device=self.cfg.device)
 
     @property
     def hook(self) -> str:
@@ -104,6 +111,7 @@ class _Run:
 
     def counters(self) -> dict[str, Any]:
         return {"n_steps": self.n_steps, "n_tokens": self.n_tokens, "scaling_factor": self.scaling_factor,
+                "output_scaling_factor": self.output_scaling_factor,
                 "done": self.done, "n_frac_active_samples": self.n_frac_active_samples}
 
 
@@ -178,9 +186,11 @@ class Trainer:
             if len(hooks) != 1:
                 raise ValueError(f"TrainConfig.hook is not set and the store has several hooks {hooks}: choose one.")
             cfg = TrainConfig.from_dict({**cfg.to_dict(), "hook": hooks[0]})
-        if cfg.hook not in hooks:
-            raise ValueError(f"TrainConfig.hook={cfg.hook!r} is not one of the store's hooks {hooks}.")
-        resolved = cfg.resolve(self.store.d_in(cfg.hook), self.global_batch)
+        missing = [h for h in cfg.hooks if h not in hooks]
+        if missing:
+            raise ValueError(f"TrainConfig hook(s) {missing}: not one of the store's hooks {hooks}; give the store "
+                             "every input and output hook (ActivationStore(model, hooks=[...])).")
+        resolved = cfg.resolve(self.store.d_in(cfg.hooks[0]), self.global_batch)
         if resolved.name is None:
             resolved.name = resolved.default_name()
         if child_path(self.out, resolved.name).name == CHECKPOINTS:
@@ -225,11 +235,17 @@ class Trainer:
 
     def _build_runs(self) -> None:
         for cfg in self.cfgs:
-            d_in = self.store.d_in(cfg.hook)
-            model = make_training_sae(cfg, d_in)
+            first_in = cfg.hooks[0]
+            first_out = cfg.hook_out[0] if cfg.is_clt else cfg.hook_out
+            d_out = self.store.d_in(first_out) if cfg.is_transcoder else None
+            model = make_training_sae(cfg, self.store.d_in(first_in), d_out)
             optimizer = make_adam(model, cfg)
-            metadata = dict(self.store.metadata(cfg.hook))
-            metadata.setdefault("hook_name", cfg.hook)
+            metadata = dict(self.store.metadata(first_in))
+            metadata.setdefault("hook_name", first_in)
+            if cfg.is_transcoder and not cfg.is_clt:  # SAELens' transcoder metadata: where the output goes
+                out = self.store.metadata(cfg.hook_out)
+                metadata["hook_name_out"] = out.get("hook_name") or cfg.hook_out
+                metadata["hf_hook_name_out"] = out.get("hf_hook_name")
             if metadata.get("model_name") is None and self.model_ref is not None:
                 config = getattr(self.model_ref, "config", None)
                 metadata["model_name"] = getattr(config, "_name_or_path", None) or type(self.model_ref).__name__
@@ -258,7 +274,7 @@ class Trainer:
 
     def _run(self, existing: dict[str, Any] | None, resume: bool) -> dict[str, SAE]:
         if existing is not None and existing.get("complete"):
-            return {cfg.name: SAE.load_from_disk(self.out / cfg.name, device=cfg.device) for cfg in self.cfgs}
+            return {cfg.name: _load_output(cfg, self.out / cfg.name) for cfg in self.cfgs}
         self._build_runs()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -326,9 +342,9 @@ class Trainer:
 
     def _train_step(self, batch: dict[str, torch.Tensor], wandb_run: Any) -> None:
         for run in self.runs:
-            if run.done or run.hook not in batch:
+            if run.done or any(h not in batch for h in run.cfg.hooks):
                 continue
-            self._step(run, batch[run.hook])
+            self._step(run, *_inputs(run.cfg, batch))
             if run.n_steps % run.cfg.log_every == 0 or run.n_steps == run.total_steps:
                 self._log(run, wandb_run)
             if run.cfg.eval_every and run.n_steps % run.cfg.eval_every == 0:
@@ -338,7 +354,7 @@ class Trainer:
             if run.n_steps == run.total_steps:
                 self._finalize(run)
 
-    def _step(self, run: _Run, x: torch.Tensor) -> None:
+    def _step(self, run: _Run, x: torch.Tensor, target: torch.Tensor | None = None) -> None:
         cfg, model = run.cfg, run.model
         if run.n_steps > 0 and run.n_steps % cfg.feature_sampling_window == 0:
             run.act_freq_scores.zero_()
@@ -347,10 +363,13 @@ class Trainer:
         model.before_step()
         x = x.to(cfg.device)
         if run.scaling_factor is not None:
-            x = x * run.scaling_factor
+            x = x * _factor(run.scaling_factor, x)
+            if target is not None:
+                target = target * _factor(run.output_scaling_factor, target)
         coefficients = {name: coefficient_at(getattr(cfg, value), getattr(cfg, warm), run.n_steps)
                         for name, (value, warm) in model.coefficients.items()}
-        ctx = StepContext(coefficients=coefficients, dead_mask=run.dead_mask(), comm=self.comm)
+        ctx = StepContext(coefficients=coefficients, dead_mask=run.dead_mask(), comm=self.comm,
+                          target=None if target is None else target.to(cfg.device))
         out = model(x, ctx)
         loss_value = float(out.loss.detach())
         if self.comm is not None:
@@ -415,8 +434,9 @@ class Trainer:
         if not wanted:
             return
         n_max = max(r.cfg.n_batches_for_norm_estimate for r in wanted)
-        sums: dict[str, list[float]] = {r.hook: [] for r in wanted}
-        counts: dict[str, list[float]] = {r.hook: [] for r in wanted}
+        # every hook a wanted run reads: a transcoder's output is scaled too, a CLT's per layer
+        sums: dict[str, list[float]] = {h: [] for r in wanted for h in r.cfg.hooks}
+        counts: dict[str, list[float]] = {h: [] for r in wanted for h in r.cfg.hooks}
         for i in range(n_max):
             batch = next(batches, None)
             if not self._agree(batch is not None, "min"):
@@ -430,9 +450,17 @@ class Trainer:
                 sums[hook].append(float(part[0]) + (sums[hook][-1] if sums[hook] else 0.0))
                 counts[hook].append(float(part[1]) + (counts[hook][-1] if counts[hook] else 0.0))
         for run in wanted:
-            n = run.cfg.n_batches_for_norm_estimate
-            mean_norm = sums[run.hook][n - 1] / counts[run.hook][n - 1]
-            run.scaling_factor = math.sqrt(run.model.d_in) / mean_norm
+            n, cfg = run.cfg.n_batches_for_norm_estimate, run.cfg
+
+            def factor(hook: str) -> float:
+                return math.sqrt(self.store.d_in(hook)) / (sums[hook][n - 1] / counts[hook][n - 1])
+
+            if cfg.is_clt:
+                run.scaling_factor = [factor(h) for h in cfg.hook]
+                run.output_scaling_factor = [factor(h) for h in cfg.hook_out]
+            else:
+                run.scaling_factor = factor(cfg.hook)
+                run.output_scaling_factor = factor(cfg.hook_out) if cfg.is_transcoder else None
 
     # ---- metrics and logging ------------------------------------------------------------------------------------
 
@@ -460,7 +488,7 @@ class Trainer:
             "metrics/explained_variance": 1 - sse / total_variance if total_variance > 0 else float("nan"),
             "metrics/l0": float(stats[len(values)]),
             "sparsity/dead_features": dead,
-            "sparsity/dead_fraction": dead / run.cfg.d_sae,
+            "sparsity/dead_fraction": dead / run.act_freq_scores.numel(),
             "sparsity/mean_passes_since_fired": float(run.n_forward_passes_since_fired.mean()),
             "details/current_learning_rate": lr,
         })
@@ -536,8 +564,11 @@ class Trainer:
     # ---- outputs ------------------------------------------------------------------------------------------------
 
     def _export(self, run: _Run) -> SAE:
-        """The SAE as trained so far (folded, SAELens inference form) with its metadata and feature sparsity."""
-        sae = run.model.export(run.scaling_factor)
+        """The SAE as trained so far (folded, SAELens inference form) with its metadata and feature sparsity (a
+        cross-layer transcoder: an `nnsae.circuits.CrossLayerTranscoder`)."""
+        if run.cfg.is_clt:
+            return run.model.export(run.scaling_factor, run.output_scaling_factor)
+        sae = run.model.export(run.scaling_factor, run.output_scaling_factor)
         sparsity = run.feature_sparsity()
         meta = {**run.metadata, "training_tokens": run.n_tokens,
                 "l0": float(sparsity.sum()) if run.n_frac_active_samples > 0 else None,
@@ -553,7 +584,7 @@ class Trainer:
         sae = self._export(run)
         if self.is_main:
             folder = self.out / run.name
-            sae.save_model(folder, log_sparsity=sae.log_feature_sparsity)
+            self._save(run, sae, folder)
             write_json(folder / "train_config.json", run.cfg.to_dict())
         run.done = True
         self._exported[run.name] = sae
@@ -565,13 +596,27 @@ class Trainer:
         every = math.ceil(total / (run.cfg.n_checkpoints + 1))
         passed = [t for t in range(every, total, every) if run.n_tokens - run.batch_tokens <= t < run.n_tokens]
         if passed and run.n_steps < run.total_steps:
-            sae = self._export(run)
-            sae.save_model(self.out / run.name / "checkpoints" / str(run.n_tokens),
-                           log_sparsity=sae.log_feature_sparsity)
+            self._save(run, self._export(run), self.out / run.name / "checkpoints" / str(run.n_tokens))
+
+    def _save(self, run: _Run, sae: Any, folder: Path) -> None:
+        """SAELens layout; a cross-layer transcoder in circuit-tracer's `cross_layer_transcoder` layout, with its
+        firing rates ([n_layers, d_sae], log10 as SAELens writes them) in sparsity.safetensors."""
+        if not run.cfg.is_clt:
+            sae.save_model(folder, log_sparsity=sae.log_feature_sparsity)
+            return
+        save_transcoders(sae, folder)
+        sparsity = torch.log10(run.feature_sparsity() + 1e-10).view(run.model.n_layers, -1).detach().cpu()
+        write_safetensors(folder / "sparsity.safetensors", {"sparsity": sparsity.contiguous()})
 
     def _evaluate(self, run: _Run, wandb_run: Any) -> None:
         """CE and KL scores of the SAE as trained so far, spliced into the model on held-out batches (rank 0)."""
         if not self.is_main:
+            return
+        if run.cfg.is_clt:
+            if run.name not in self._eval_batches:
+                warnings.warn(f"{run.name}: CE/KL evaluations during training are not run for cross-layer "
+                              "transcoders (eval_every is ignored).", stacklevel=3)
+                self._eval_batches[run.name] = []
             return
         if run.name not in self._eval_batches:
             self._eval_batches[run.name] = self.store.held_out_batches(run.cfg.n_eval_batches,
@@ -668,13 +713,12 @@ class Trainer:
             run.optimizer.load_state_dict(optimizer_state)
             run.n_steps, run.n_tokens = counters["n_steps"], counters["n_tokens"]
             run.scaling_factor, run.done = counters["scaling_factor"], counters["done"]
+            run.output_scaling_factor = counters.get("output_scaling_factor")
             run.n_frac_active_samples = counters["n_frac_active_samples"]
             run.act_freq_scores.copy_(tensors[f"{run.name}.act_freq_scores"])
             run.n_forward_passes_since_fired.copy_(tensors[f"{run.name}.n_forward_passes_since_fired"])
             if run.done:
-                folder = self.out / run.name
-                sae = SAE.load_from_disk(folder, device=run.cfg.device)
-                self._exported[run.name] = sae
+                self._exported[run.name] = _load_output(run.cfg, self.out / run.name)
         store_states = [ckpt.join_state(s, tensors) for s in record["store"]]
         rank = self.comm.rank if self.comm is not None else 0
         self.store.load_state_dict(store_states[rank])
@@ -701,3 +745,25 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
 
+
+def _inputs(cfg: TrainConfig, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input, target) of one config from a store batch: an SAE reads its hook (target None: itself); a transcoder
+    reads `hook` and predicts `hook_out`; a cross-layer transcoder gets every layer's input and output stacked
+    token-major, [N, n_layers, d]."""
+    if cfg.is_clt:
+        return torch.stack([batch[h] for h in cfg.hook], 1), torch.stack([batch[h] for h in cfg.hook_out], 1)
+    return batch[cfg.hook], batch[cfg.hook_out] if cfg.is_transcoder else None
+
+
+def _factor(factor: float | list[float], x: torch.Tensor) -> float | torch.Tensor:
+    """A scaling factor as a multiplier of `x`: a CLT's per-layer factors broadcast over [N, n_layers, d]."""
+    if isinstance(factor, list):
+        return torch.tensor(factor, dtype=x.dtype, device=x.device)[None, :, None]
+    return factor
+
+
+def _load_output(cfg: TrainConfig, folder: Path) -> Any:
+    """A finished run's saved output: an SAE (SAELens layout) or a CrossLayerTranscoder (circuit-tracer layout)."""
+    if cfg.is_clt:
+        return load_transcoders(folder, device=cfg.device)
+    return SAE.load_from_disk(folder, device=cfg.device)
