@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from nnsae import SAE, SAEConfig
-from nnsae.circuits import attribute, create_graph_files
+from nnsae.circuits import Graph, attribute, create_graph_files, save_transcoders
 from nnsae.circuits.viewer import write_viewer
 from nnsae.extract import extract, load_features
 from tests.test_circuits import random_set
@@ -144,3 +144,42 @@ def _fmt(x: float) -> str:
         return f"{mantissa}e{int(exponent):+d}"
     digits = 4 - 1 - (int(torch.tensor(a).log10().floor()) if a else 0)
     return f"{x:.{max(digits, 0)}f}"
+
+
+# ---- nnsae attribute ------------------------------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nnsae.cli", "attribute", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_attribute_command_writes_graph_files_and_viewer(built, tmp_path):
+    model, tok, tc, graph, root, page = built
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    save_transcoders(tc, tmp_path / "tc")
+    out = tmp_path / "graphs"
+    result = run_cli("--model", str(tmp_path / "model"), "--transcoders", str(tmp_path / "tc"), "--prompt", PROMPT,
+                     "--out", str(out), "--slug", "fish", "--batch-size", "8", "--max-feature-nodes", "20",
+                     "--node-threshold", "0.7", "--edge-threshold", "0.9", "--extraction", str(root / "feats"))
+    assert result.returncode == 0, result.stderr
+    expected = attribute(model, PROMPT, tc, tokenizer=tok, batch_size=8, max_feature_nodes=20)
+    written = Graph.from_pt(out / "fish.pt")
+    assert torch.equal(written.selected_features, expected.selected_features)
+    torch.testing.assert_close(written.adjacency_matrix, expected.adjacency_matrix, rtol=1e-4, atol=1e-5)
+    neuronpedia = json.loads((out / "fish.json").read_text())
+    assert neuronpedia["metadata"]["node_threshold"] == 0.7
+    assert [g["slug"] for g in json.loads((out / "graph-metadata.json").read_text())["graphs"]] == ["fish"]
+    data = page_data(out / "fish.html")
+    assert data["node_threshold"] == 0.7 and data["edge_threshold"] == 0.9 and data["has_examples"]
+    assert {n["node_id"] for n in data["nodes"]} == {n["node_id"] for n in neuronpedia["nodes"]}
+    assert str((out / "fish.html").resolve()) in result.stdout
+
+
+def test_attribute_command_errors_are_one_line(tmp_path):
+    result = run_cli("--model", str(tmp_path / "nowhere"), "--transcoders", str(tmp_path / "no-transcoders"),
+                     "--prompt", "x", "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no-transcoders" in lines[0]
