@@ -7,7 +7,8 @@ from nnsae.circuits.intervene import intervene
 from nnsae.circuits.load import load_transcoders, save_transcoders
 from nnsae.circuits.prune import compute_graph_scores, prune_graph
 from nnsae.circuits.transcoders import CrossLayerTranscoder, SingleLayerTranscoder, TranscoderSet
+from nnsae.circuits.viewer import write_viewer
 
 __all__ = ["CrossLayerTranscoder", "Graph", "GraphConfig", "LogitTarget", "SingleLayerTranscoder", "TranscoderSet",
            "attribute", "compute_graph_scores", "create_graph_files", "intervene", "load_transcoders", "prune_graph",
-           "save_transcoders"]
+           "save_transcoders", "write_viewer"]

@@ -2,13 +2,22 @@
 
 The local replacement model of a prompt is the true model with
 * attention patterns frozen (the softmax output is detached: eager attention directly, SDPA recomputed by hand),
-* every normalisation's scale frozen (a forward hook keeps the norm's output value and gives it the Jacobian
-  `gain · P · scale` with the scale detached; P centres for LayerNorm, is the identity for RMSNorm),
+* every normalisation's scale frozen (the norm's output keeps its value and gets the Jacobian `gain · P · scale`
+  with the scale detached; P centres for LayerNorm, is the identity for RMSNorm),
 * each MLP output cut from its input (its value kept; only a transcoder skip connection stays live).
 It is linear in the residual stream, so one backward pass that injects a target's input vector (an encoder row at
 an MLP input, or a demeaned unembedding column at the final norm's output) and reads the gradient at every MLP
 output and at the token embeddings gives that target's row of direct effects. Rows are computed in batches over
 copies of the prompt (one target per copy) on a graph kept from one frozen forward pass.
+
+Both runs go through nnsight: the clean run reads MLP inputs/outputs, embeddings and logits as envoy values of a
+trace; the frozen run is a second trace that rewrites norm outputs, MLP inputs/outputs and embeddings as envoy
+values (in the execution order the clean run recorded), then runs every batched backward pass inside the same
+trace body with nnsight's `tensor.backward()` context, reading `.grad` at the MLP-output and embedding sites, and
+stops the model before its unembedding. Attention stays frozen by a torch function mode around the trace: the
+softmax sits inside each family's attention function (or is fused into SDPA), where only nnsight's per-operation
+`.source` names could reach it, and those differ by family and attention implementation; the mode also replaces
+the product with the values so that the copies share one pattern.
 """
 
 from __future__ import annotations
@@ -529,29 +538,23 @@ class _ReplacementModel:
 
     # -- rows of the adjacency --
 
-    def rows(self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """Rows [n, n_active + (n_layers + 1) * n_pos] of direct effects on the targets `vectors[i]`·(site at
-        `layers[i]`, `positions[i]`); layer n_layers is the final norm output."""
+    def rows(self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, rows: torch.Tensor) -> None:
+        """Fill `rows` [n, n_active + (n_layers + 1) * n_pos + 1] (zeros; the last column is spare) with the direct
+        effects on the targets `vectors[i]`·(site at `layers[i]`, `positions[i]`); layer n_layers is the final norm
+        output. The rows are written in place because nnsight keeps this frame until the trace ends (see
+        `_gradients`); for the same reason the batch-sized temporaries are deleted before returning."""
         n, n_pos, n_layers = len(layers), self.n_pos, self.n_layers
-        objective = torch.zeros((), device=vectors.device)
+        sites, grads = [], []
         for layer in layers.unique().tolist():
             mask = layers == layer
             site = self.sites[layer]
             grad = torch.zeros_like(site)
             grad[mask.nonzero().squeeze(1), positions[mask]] = vectors[mask].to(site)
-            objective = objective + (site * grad).sum()  # its gradient at each site is the injected vectors
-        # Only the MLP outputs below the highest target layer reach a target; nnsight serves the gradients in the
-        # order the backward pass produces them (latest layer first, embeddings last).
-        reached = min(int(layers.max()), n_layers)
-        got: list[torch.Tensor | None] = [None] * (n_layers + 1)
-        with objective.backward(retain_graph=True):
-            for layer in range(reached - 1, -1, -1):
-                got[layer] = self.outputs[layer].grad.save()
-            got[-1] = self.embeds.grad.save()
-        for leaf in self.leaves:  # the expanded sites' bases accumulate gradients nobody reads
-            leaf.grad = None
-        # One spare column absorbs the padding of `_by_position`.
-        rows = torch.zeros(n, self.n_active + (n_layers + 1) * n_pos + 1, device=vectors.device)
+            sites.append(site)
+            grads.append(grad)
+        got = self._gradients(_Inject.apply(grads, *sites), min(int(layers.max()), n_layers))
+        del grads, sites
+        # The spare column absorbs the padding of `_by_position`.
         for layer, (cols, padded) in enumerate(self.decoders):
             for j, out_layer in enumerate(self.transcoders.output_layers(layer)):
                 grad = got[out_layer]
@@ -568,7 +571,38 @@ class _ReplacementModel:
         if got[-1] is not None:
             token_start = error_start + n_layers * n_pos
             rows[:, token_start:-1] = torch.einsum("bpd,pd->bp", got[-1][:n].float(), self.token_vectors)
-        return rows[:, :-1]
+        got.clear()
+        grad = effects = None  # noqa: F841 - released here, not when nnsight drops this frame
+
+    def _gradients(self, objective: torch.Tensor, reached: int) -> list[torch.Tensor | None]:
+        """One backward pass from `objective`, in nnsight's backward session: the gradients at the MLP outputs
+        below layer `reached` (the only ones a target reaches) and at the embeddings, else None. nnsight serves
+        them in the order the pass produces them (latest layer first, embeddings last). nnsight keeps the
+        session's frame until the trace ends, so this frame holds nothing but the returned list, which the
+        caller empties after use: memory does not grow with the number of passes."""
+        got: list[torch.Tensor | None] = [None] * (self.n_layers + 1)
+        with objective.backward(retain_graph=True):
+            for layer in range(reached - 1, -1, -1):
+                got[layer] = self.outputs[layer].grad.save()
+            got[-1] = self.embeds.grad.save()
+        for leaf in self.leaves:  # the expanded sites' bases accumulate gradients nobody reads
+            leaf.grad = None
+        return got
+
+
+class _Inject(torch.autograd.Function):
+    """A scalar whose backward pass hands each site its given gradient (no product with the sites is formed or
+    kept): `_Inject.apply(grads, *sites).backward()` is `torch.autograd.backward(sites, grads)` as one tensor."""
+
+    @staticmethod
+    def forward(ctx: Any, grads: list[torch.Tensor], *sites: torch.Tensor) -> torch.Tensor:
+        ctx.grads = grads
+        return sites[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _: torch.Tensor) -> tuple[None, ...]:
+        grads, ctx.grads = ctx.grads, None
+        return (None, *grads)
 
 
 def _by_position(cols: torch.Tensor, pos: torch.Tensor, scaled: torch.Tensor, n_pos: int
@@ -621,7 +655,7 @@ def _run(rm: _ReplacementModel, tokens: torch.Tensor, targets: tuple, tokenizer:
     logger.info("%d active features, %d logit targets, attributing %d features", n_active, n_logits,
                 max_feature_nodes)
     device = rm.token_vectors.device
-    edges = torch.zeros(n_logits + max_feature_nodes, n_sources, device=device)
+    edges = torch.zeros(n_logits + max_feature_nodes, n_sources + 1, device=device)  # + the rows' spare column
     row_nodes = torch.zeros(n_logits + max_feature_nodes, dtype=torch.long, device=device)
     feature_layers, feature_pos, feature_ids = rm.active_features.T.to(device)
     visited = torch.zeros(n_active, dtype=torch.bool, device=device)
@@ -633,15 +667,16 @@ def _run(rm: _ReplacementModel, tokens: torch.Tensor, targets: tuple, tokenizer:
         # Row node ids: feature i -> i, logit i -> n_sources + i (the influence vector's layout).
         for start in range(0, n_logits, batch_size):
             batch = logit_vectors[start:start + batch_size]
-            edges[start:start + len(batch)] = rm.rows(torch.full((len(batch),), n_layers, device=device),
-                                                      torch.full((len(batch),), n_pos - 1, device=device), batch)
+            rm.rows(torch.full((len(batch),), n_layers, device=device),
+                    torch.full((len(batch),), n_pos - 1, device=device), batch, edges[start:start + len(batch)])
             row_nodes[start:start + len(batch)] = n_sources + torch.arange(start, start + len(batch), device=device)
         n_visited = 0
         while n_visited < max_feature_nodes:
             if max_feature_nodes == n_active:
                 pending = torch.arange(n_active, device=device)
             else:
-                influences = _partial_influences(edges[:filled], row_nodes[:filled], logit_probs, n_sources)
+                influences = _partial_influences(edges[:filled, :n_sources], row_nodes[:filled], logit_probs,
+                                                 n_sources)
                 ranking = torch.argsort(influences[:n_active], descending=True, stable=True)
                 queue = min(update_interval * batch_size, max_feature_nodes - n_visited)
                 pending = ranking[~visited[ranking]][:queue]
@@ -651,7 +686,7 @@ def _run(rm: _ReplacementModel, tokens: torch.Tensor, targets: tuple, tokenizer:
                                      for layer in layers.unique()]).float()
                 order = torch.cat([(layers == layer).nonzero().squeeze(1) for layer in layers.unique()])
                 batch = batch[order]  # grouped by layer, matching `vectors`
-                edges[filled:filled + len(batch)] = rm.rows(feature_layers[batch], feature_pos[batch], vectors)
+                rm.rows(feature_layers[batch], feature_pos[batch], vectors, edges[filled:filled + len(batch)])
                 row_nodes[filled:filled + len(batch)] = batch
                 visited[batch] = True
                 filled += len(batch)
