@@ -66,9 +66,9 @@ def one_length(args: argparse.Namespace) -> dict:
     passes = []
     original_rows = attribution_module._ReplacementModel.rows
 
-    def counted_rows(self, layers, positions, vectors):  # count the batched backward passes and their sizes
+    def counted_rows(self, layers, *args):  # count the batched backward passes and their sizes
         passes.append(len(layers))
-        return original_rows(self, layers, positions, vectors)
+        return original_rows(self, layers, *args)
 
     attribution_module._ReplacementModel.rows = counted_rows
     start = time.perf_counter()
@@ -117,8 +117,10 @@ def main() -> None:
         command = [sys.executable, __file__, "--length", str(length), "--max-feature-nodes",
                    str(args.max_feature_nodes), "--batch-size", str(args.batch_size), "--d-transcoder",
                    str(args.d_transcoder), "--k", str(args.k), "--threads", str(args.threads)]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"length {length} failed:\n{done.stderr[-3000:]}")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), file=sys.stderr)
     print(f"SmolLM2-135M, 30 layers, random TopK-{args.k} transcoders (d_transcoder {args.d_transcoder}), "
           f"max_feature_nodes {args.max_feature_nodes}, batch_size {args.batch_size}; {machine_line()}\n")

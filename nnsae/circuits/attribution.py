@@ -541,8 +541,7 @@ class _ReplacementModel:
     def rows(self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, rows: torch.Tensor) -> None:
         """Fill `rows` [n, n_active + (n_layers + 1) * n_pos + 1] (zeros; the last column is spare) with the direct
         effects on the targets `vectors[i]`·(site at `layers[i]`, `positions[i]`); layer n_layers is the final norm
-        output. The rows are written in place because nnsight keeps this frame until the trace ends (see
-        `_gradients`); for the same reason the batch-sized temporaries are deleted before returning."""
+        output. `rows` is a slice of the caller's edge matrix, filled in place (no batch-sized copy)."""
         n, n_pos, n_layers = len(layers), self.n_pos, self.n_layers
         sites, grads = [], []
         for layer in layers.unique().tolist():
@@ -553,7 +552,6 @@ class _ReplacementModel:
             sites.append(site)
             grads.append(grad)
         got = self._gradients(_Inject.apply(grads, *sites), min(int(layers.max()), n_layers))
-        del grads, sites
         # The spare column absorbs the padding of `_by_position`.
         for layer, (cols, padded) in enumerate(self.decoders):
             for j, out_layer in enumerate(self.transcoders.output_layers(layer)):
@@ -571,15 +569,11 @@ class _ReplacementModel:
         if got[-1] is not None:
             token_start = error_start + n_layers * n_pos
             rows[:, token_start:-1] = torch.einsum("bpd,pd->bp", got[-1][:n].float(), self.token_vectors)
-        got.clear()
-        grad = effects = None  # noqa: F841 - released here, not when nnsight drops this frame
 
     def _gradients(self, objective: torch.Tensor, reached: int) -> list[torch.Tensor | None]:
         """One backward pass from `objective`, in nnsight's backward session: the gradients at the MLP outputs
         below layer `reached` (the only ones a target reaches) and at the embeddings, else None. nnsight serves
-        them in the order the pass produces them (latest layer first, embeddings last). nnsight keeps the
-        session's frame until the trace ends, so this frame holds nothing but the returned list, which the
-        caller empties after use: memory does not grow with the number of passes."""
+        them in the order the pass produces them (latest layer first, embeddings last)."""
         got: list[torch.Tensor | None] = [None] * (self.n_layers + 1)
         with objective.backward(retain_graph=True):
             for layer in range(reached - 1, -1, -1):
