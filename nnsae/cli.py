@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from nnsae.circuits.cli import add_attribute_command
 from nnsae.cli_args import Parser, boolean, check_device, load_model_arg, load_sae_arg, token_count
 from nnsae.dashboards.cli import add_dashboard_command
 from nnsae.evals import evaluate
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_extract)
 
     add_dashboard_command(sub)
+    add_attribute_command(sub)
     return parser
 
 

@@ -55,6 +55,14 @@ PROBES = {
         "server_imported_nnsae": bool(server_imported_nnsae), "remote_matches_local": bool(remote_matches_local),
         "mounted_error": mounted_error, "size_fp32": size_fp32, "size_bf16": size_bf16,
         "weights_fp32": weights_fp32}""",
+    "07_circuits.ipynb": """{
+        "fvu": fvu.tolist(), "logit_tokens": [tokenizer.decode(t) for t in graph.logit_tokens.tolist()],
+        "n_selected": len(graph.selected_features), "n_active": len(graph.active_features),
+        "reloaded_equal": bool(torch.equal(reloaded.adjacency_matrix, graph.adjacency_matrix)),
+        "replacement": replacement_score, "completeness": completeness_score, "kept_nodes": int(node_mask.sum()),
+        "json_nodes": len(json.loads(json_path.read_text())["nodes"]), "page_exists": page.is_file(),
+        "with_examples": len(with_examples), "edge_weight": edge_weight, "logit_change": logit_change,
+        "boost_change": boost_change}""",
 }
 
 
@@ -174,3 +182,16 @@ def test_06_remote_ndif():
     assert not r["server_imported_nnsae"] and r["remote_matches_local"]
     assert "UnknownPersistentId" in r["mounted_error"]
     assert r["size_fp32"] - r["size_bf16"] > 0.45 * r["weights_fp32"]
+
+
+@pytest.mark.slow
+def test_07_circuits():
+    r = execute("07_circuits.ipynb")
+    assert max(r["fvu"]) < 1 and sum(r["fvu"]) / len(r["fvu"]) < 0.8  # the transcoders explain part of each MLP
+    assert r["logit_tokens"][0] == " Paris"
+    assert r["n_selected"] == 256 < r["n_active"] and r["reloaded_equal"]
+    assert 0 < r["completeness"] <= 1 and 0 < r["replacement"] <= 1
+    assert r["json_nodes"] > 0 and r["page_exists"] and r["with_examples"] > 0
+    # the strongest feature → logit edge exists, and setting that feature (to 0, to 3x) moves the logit
+    assert r["edge_weight"] != 0
+    assert abs(r["logit_change"]) > 1e-3 and abs(r["boost_change"]) > 1e-3

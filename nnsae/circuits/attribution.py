@@ -2,13 +2,22 @@
 
 The local replacement model of a prompt is the true model with
 * attention patterns frozen (the softmax output is detached: eager attention directly, SDPA recomputed by hand),
-* every normalisation's scale frozen (a forward hook keeps the norm's output value and gives it the Jacobian
-  `gain · P · scale` with the scale detached; P centres for LayerNorm, is the identity for RMSNorm),
+* every normalisation's scale frozen (the norm's output keeps its value and gets the Jacobian `gain · P · scale`
+  with the scale detached; P centres for LayerNorm, is the identity for RMSNorm),
 * each MLP output cut from its input (its value kept; only a transcoder skip connection stays live).
 It is linear in the residual stream, so one backward pass that injects a target's input vector (an encoder row at
 an MLP input, or a demeaned unembedding column at the final norm's output) and reads the gradient at every MLP
 output and at the token embeddings gives that target's row of direct effects. Rows are computed in batches over
 copies of the prompt (one target per copy) on a graph kept from one frozen forward pass.
+
+Both runs go through nnsight: the clean run reads MLP inputs/outputs, embeddings and logits as envoy values of a
+trace; the frozen run is a second trace that rewrites norm outputs, MLP inputs/outputs and embeddings as envoy
+values (in the execution order the clean run recorded), then runs every batched backward pass inside the same
+trace body with nnsight's `tensor.backward()` context, reading `.grad` at the MLP-output and embedding sites, and
+stops the model before its unembedding. Attention stays frozen by a torch function mode around the trace: the
+softmax sits inside each family's attention function (or is fused into SDPA), where only nnsight's per-operation
+`.source` names could reach it, and those differ by family and attention implementation; the mode also replaces
+the product with the values so that the copies share one pattern.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from nnsae.circuits.graph import Graph, GraphConfig, LogitTarget
 from nnsae.circuits.transcoders import CrossLayerTranscoder, TranscoderSet
 from nnsae.hooks import HookPoint, resolve_hook
-from nnsae.seam import unwrap_model
+from nnsae.seam import as_nnsight, unwrap_model
 
 __all__ = ["attribute"]
 
@@ -78,7 +87,7 @@ def attribute(model: Any, inputs: str | torch.Tensor | Sequence[int], transcoder
     tokens = _tokenize(inputs, tokenizer, getattr(hf.config, "name_or_path", "") or "").to(device)
     zero_positions = _zero_positions(hf.config)
     with _inference_state(hf):
-        replacement = _ReplacementModel(hf, transcoders, tokens, zero_positions)
+        replacement = _ReplacementModel(model, transcoders, tokens, zero_positions)
         targets = _logit_targets(attribution_targets, replacement.logits, hf.get_output_embeddings().weight,
                                  tokenizer, max_n_logits, desired_logit_prob)
         return _run(replacement, tokens, targets, tokenizer, transcoders, max_feature_nodes, batch_size,
@@ -295,10 +304,12 @@ def _read_value(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
 
 
 class _ReplacementModel:
-    """Clean-run records (transcoder activations, errors, token vectors, logits) and the frozen batched graph."""
+    """Clean-run records (transcoder activations, errors, token vectors, logits) and the frozen batched graph, both
+    read and written as envoy values inside traces of the nnsight wrapper `model`."""
 
-    def __init__(self, hf: nn.Module, transcoders: Transcoders, tokens: torch.Tensor, zero_positions: slice):
-        self.hf = hf
+    def __init__(self, model: Any, transcoders: Transcoders, tokens: torch.Tensor, zero_positions: slice):
+        self.model = as_nnsight(model)
+        self.hf = hf = unwrap_model(self.model)
         self.transcoders = transcoders
         self.tokens = tokens
         self.n_layers = transcoders.n_layers
@@ -310,31 +321,62 @@ class _ReplacementModel:
                 raise ValueError(f"{point.module}.{point.io} cannot be a transcoder output point (a normalized view).")
         self.norms = {name: kind for name, m in hf.named_modules() if (kind := _norm_kind(m)) is not None}
         self.gemma_gain: dict[str, bool] = {}
+        names = {id(module): name for name, module in hf.named_modules()}
+        self.embed_name = names[id(hf.get_input_embeddings())]
+        self.unembed_name = names[id(hf.get_output_embeddings())]
         self._clean_run(zero_positions)
 
     # -- the clean run --
 
+    def _value(self, name: str, io: str) -> torch.Tensor:
+        """Inside a trace: the module's output (first element of a tuple) or first input."""
+        envoy = self.model.get(name)
+        value = envoy.output if io == "output" else envoy.input
+        return value[0] if isinstance(value, tuple) else value
+
     def _clean_run(self, zero_positions: slice) -> None:
         hf, n_layers = self.hf, self.n_layers
-        mlp_in: list[torch.Tensor | None] = [None] * n_layers
-        mlp_out: list[torch.Tensor | None] = [None] * n_layers
-        token_vectors: list[torch.Tensor] = []
+        mlp_in: list[torch.Tensor] = []
+        mlp_out: list[torch.Tensor] = []
+        ends: list[torch.Tensor] = []  # the token embeddings, then the last position's logits
         with ExitStack() as stack, torch.no_grad():
             for name, kind in self.norms.items():
                 module = hf.get_submodule(name)
                 stack.callback(module.register_forward_hook(self._norm_checker(name, kind)).remove)
-            for layer in range(n_layers):
-                read, write = self.read_points[layer], self.write_points[layer]
-                stack.callback(_register(hf.get_submodule(read.module), read.io,
-                                         _store(mlp_in, layer, lambda x, p=read: _read_value(p, x))).remove)
-                stack.callback(_register(hf.get_submodule(write.module), write.io,
-                                         _store(mlp_out, layer, lambda x: x)).remove)
-            stack.callback(hf.get_input_embeddings().register_forward_hook(
-                lambda m, a, out: token_vectors.append(out)).remove)
-            output = hf(input_ids=self.tokens[None])
-        self.logits = output.logits[0, -1].detach()
-        self.token_vectors = token_vectors[0][0].float()
+            self.events = self._record_order(stack)
+            with self.model.trace(self.tokens[None]):
+                ends.append(self._value(self.embed_name, "output").save())
+                for layer in range(n_layers):
+                    read, write = self.read_points[layer], self.write_points[layer]
+                    mlp_in.append(_read_value(read, self._value(read.module, read.io)).save())
+                    mlp_out.append(self._value(write.module, write.io).save())
+                ends.append(self.model.output.logits[0, -1].save())
+        self.token_vectors = ends[0][0].float()
+        self.logits = ends[1].detach()
         self._encode([x[0] for x in mlp_in], [y[0] for y in mlp_out], zero_positions)
+
+    def _record_order(self, stack: ExitStack) -> list[tuple[str, str]]:
+        """Plain observing hooks that record the order in which the frozen run's envoy values are produced (nnsight
+        serves them in execution order); a module run twice in one forward could not be frozen and is refused."""
+        wanted = {(name, io) for name in self.norms for io in ("input", "output")}
+        wanted |= {(self.embed_name, "output"), (self.unembed_name, "input")}
+        wanted |= {(p.module, p.io) for p in (*self.read_points, *self.write_points)}
+        wanted |= {(mlp, "input") for mlp in self._mlp_modules()}
+        events: list[tuple[str, str]] = []
+
+        def note(event: tuple[str, str]) -> None:
+            if event in events:
+                raise ValueError(f"{event[0]} runs more than once in a forward pass; attribution cannot freeze it.")
+            events.append(event)
+
+        for name, io in sorted(wanted):
+            module = self.hf.get_submodule(name)
+            if io == "input":
+                handle = module.register_forward_pre_hook(lambda m, a, e=(name, io): note(e))
+            else:
+                handle = module.register_forward_hook(lambda m, a, o, e=(name, io): note(e))
+            stack.callback(handle.remove)
+        return events
 
     def _norm_checker(self, name: str, kind: str) -> Callable:
         """Check that the frozen-scale formula reproduces the norm's output, and learn its gain convention."""
@@ -392,50 +434,95 @@ class _ReplacementModel:
 
     # -- the frozen batched forward --
 
-    def build(self, copies: int) -> None:
-        """One frozen forward over `copies` copies of the prompt, keeping its graph for the backward passes."""
-        hf, n_layers = self.hf, self.n_layers
-        self.sites: list[torch.Tensor | None] = [None] * (n_layers + 1)  # MLP inputs, then the final norm output
-        self.outputs: list[torch.Tensor | None] = [None] * n_layers  # MLP outputs (gradients read here)
-        embeds: list[torch.Tensor] = []
+    def run_frozen(self, copies: int, body: Callable[[], None]) -> None:
+        """Trace one frozen forward over `copies` copies of the prompt and call `body` inside the trace, where
+        `rows` runs its backward passes on the kept graph; the model stops before its unembedding."""
+        self.copies = copies
+        self.sites: list[torch.Tensor | None] = [None] * (self.n_layers + 1)  # MLP inputs, then the final norm output
+        self.outputs: list[torch.Tensor | None] = [None] * self.n_layers  # MLP outputs (gradients read here)
+        self.leaves: list[torch.Tensor] = []
+        with _FreezeAttention():
+            with self.model.trace(self.tokens[None].expand(copies, -1)) as tracer:
+                self._frozen_forward()
+                body()
+                tracer.stop()
+        self.sites, self.outputs, self.leaves, self.embeds = [], [], [], None
 
-        def embed_hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-            leaf = out.detach().requires_grad_(True)
-            embeds.append(leaf)
-            return leaf
+    def _frozen_forward(self) -> None:
+        """Inside the trace: freeze every norm's scale, read the MLP inputs, cut the MLP outputs from their inputs
+        (each becomes one copy's value, expanded), and make the token embeddings a gradient site."""
+        actions = self._actions()
+        norm_inputs: dict[str, torch.Tensor] = {}
+        for name, io in self.events:
+            envoy = self.model.get(name)
+            value = envoy.output if io == "output" else envoy.input
+            first = value[0] if isinstance(value, tuple) else value
+            new = first
+            for action in actions[name, io]:
+                new = action(name, new, norm_inputs)
+            if new is not first:
+                if io == "input":
+                    envoy.input = new
+                else:
+                    envoy.output = (new, *value[1:]) if isinstance(value, tuple) else new
 
-        def write_fn(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
-            def fn(out: torch.Tensor) -> torch.Tensor:
-                if self.transcoders.skip_connection:
-                    skip = self.transcoders.compute_skip(layer, self.sites[layer]).to(out.dtype)
+    def _actions(self) -> dict[tuple[str, str], list[Callable]]:
+        """What the frozen run does at each envoy value, in this order: norms, embeddings, reads, MLP cuts, writes."""
+        actions: dict[tuple[str, str], list[Callable]] = {event: [] for event in self.events}
+        tc = self.transcoders
+
+        def norm_input(name: str, x: torch.Tensor, norm_inputs: dict) -> torch.Tensor:
+            norm_inputs[name] = x
+            return x
+
+        def norm_output(name: str, out: torch.Tensor, norm_inputs: dict) -> torch.Tensor:
+            module = self.hf.get_submodule(name)
+            linear = _norm_linear(module, self.norms[name], norm_inputs.pop(name), self.gemma_gain[name])
+            return out.detach() + (linear - linear.detach()).to(out.dtype)
+
+        def embed(name: str, out: torch.Tensor, norm_inputs: dict) -> torch.Tensor:
+            self.embeds = self._gradient_site(out)
+            return self.embeds
+
+        def read(layer: int) -> Callable:
+            def fn(name: str, x: torch.Tensor, norm_inputs: dict) -> torch.Tensor:
+                self.sites[layer] = x if layer == self.n_layers else _read_value(self.read_points[layer], x)
+                return x
+            return fn
+
+        def cut(name: str, x: torch.Tensor, norm_inputs: dict) -> torch.Tensor:
+            return x[:1]  # the MLP's output is a constant: compute it for one copy only
+
+        def write(layer: int) -> Callable:
+            def fn(name: str, out: torch.Tensor, norm_inputs: dict) -> torch.Tensor:
+                if tc.skip_connection:
+                    skip = tc.compute_skip(layer, self.sites[layer]).to(out.dtype)
                     new = skip + (out - skip[:1]).detach()
-                else:  # a view of one copy: gradients are read per copy at `new`, no batch-sized buffer
-                    new = out[:1].detach().requires_grad_(True).expand(copies, *out.shape[1:])
+                else:
+                    new = self._gradient_site(out)
                 self.outputs[layer] = new
                 return new
             return fn
 
-        def read_fn(layer: int) -> Callable[[torch.Tensor], None]:
-            def fn(x: torch.Tensor) -> None:
-                self.sites[layer] = _read_value(self.read_points[layer], x)
-            return fn
+        for name in self.norms:
+            actions[name, "input"].append(norm_input)
+            actions[name, "output"].append(norm_output)
+        actions[self.embed_name, "output"].append(embed)
+        for layer, point in enumerate(self.read_points):
+            actions[point.module, point.io].append(read(layer))
+        actions[self.unembed_name, "input"].append(read(self.n_layers))
+        for mlp in self._mlp_modules():
+            actions[mlp, "input"].append(cut)
+        for layer, point in enumerate(self.write_points):
+            actions[point.module, point.io].append(write(layer))
+        return actions
 
-        with ExitStack() as stack:
-            for name, kind in self.norms.items():
-                module = hf.get_submodule(name)
-                stack.callback(module.register_forward_hook(self._norm_freezer(name, kind)).remove)
-            stack.callback(hf.get_input_embeddings().register_forward_hook(embed_hook).remove)
-            for layer in range(n_layers):  # after the norm hooks, so reads see frozen norm outputs
-                read, write = self.read_points[layer], self.write_points[layer]
-                stack.callback(_register(hf.get_submodule(read.module), read.io, read_fn(layer)).remove)
-                stack.callback(_register(hf.get_submodule(write.module), write.io, write_fn(layer)).remove)
-            for mlp in self._mlp_modules():  # its output is a constant: compute it for one copy only
-                stack.callback(_register(hf.get_submodule(mlp), "input", lambda x: x[:1]).remove)
-            stack.enter_context(_FreezeAttention())
-            hidden = hf.base_model(input_ids=self.tokens[None].expand(copies, -1)).last_hidden_state
-        self.sites[n_layers] = hidden
-        self.embeds = embeds[0]
-        self.copies = copies
+    def _gradient_site(self, value: torch.Tensor) -> torch.Tensor:
+        """A constant (one copy's value) seen by every copy: a view whose gradient is read per copy, with no
+        batch-sized buffer kept."""
+        leaf = value[:1].detach().requires_grad_(True)
+        self.leaves.append(leaf)
+        return leaf.expand(self.copies, *value.shape[1:])
 
     def _mlp_modules(self) -> list[str]:
         """The MLP modules whose whole output reaches the residual only through the write points (TL's
@@ -449,35 +536,23 @@ class _ReplacementModel:
             return []
         return [point.module for point in points if point.io == "input" and not point.normalize]
 
-    def _norm_freezer(self, name: str, kind: str) -> Callable:
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            out = output[0] if isinstance(output, tuple) else output
-            linear = _norm_linear(module, kind, args[0], self.gemma_gain[name])
-            frozen = out.detach() + (linear - linear.detach()).to(out.dtype)
-            return (frozen, *output[1:]) if isinstance(output, tuple) else frozen
-        return hook
-
-    def release(self) -> None:
-        self.sites, self.outputs, self.embeds = [], [], None
-
     # -- rows of the adjacency --
 
-    def rows(self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """Rows [n, n_active + (n_layers + 1) * n_pos] of direct effects on the targets `vectors[i]`·(site at
-        `layers[i]`, `positions[i]`); layer n_layers is the final norm output."""
+    def rows(self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, rows: torch.Tensor) -> None:
+        """Fill `rows` [n, n_active + (n_layers + 1) * n_pos + 1] (zeros; the last column is spare) with the direct
+        effects on the targets `vectors[i]`·(site at `layers[i]`, `positions[i]`); layer n_layers is the final norm
+        output. `rows` is a slice of the caller's edge matrix, filled in place (no batch-sized copy)."""
         n, n_pos, n_layers = len(layers), self.n_pos, self.n_layers
-        outputs, grads = [], []
+        sites, grads = [], []
         for layer in layers.unique().tolist():
             mask = layers == layer
             site = self.sites[layer]
             grad = torch.zeros_like(site)
             grad[mask.nonzero().squeeze(1), positions[mask]] = vectors[mask].to(site)
-            outputs.append(site)
+            sites.append(site)
             grads.append(grad)
-        inputs = [*self.outputs, self.embeds]
-        got = torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True)
-        # One spare column absorbs the padding of `_by_position`.
-        rows = torch.zeros(n, self.n_active + (n_layers + 1) * n_pos + 1, device=self.embeds.device)
+        got = self._gradients(_Inject.apply(grads, *sites), min(int(layers.max()), n_layers))
+        # The spare column absorbs the padding of `_by_position`.
         for layer, (cols, padded) in enumerate(self.decoders):
             for j, out_layer in enumerate(self.transcoders.output_layers(layer)):
                 grad = got[out_layer]
@@ -494,7 +569,34 @@ class _ReplacementModel:
         if got[-1] is not None:
             token_start = error_start + n_layers * n_pos
             rows[:, token_start:-1] = torch.einsum("bpd,pd->bp", got[-1][:n].float(), self.token_vectors)
-        return rows[:, :-1]
+
+    def _gradients(self, objective: torch.Tensor, reached: int) -> list[torch.Tensor | None]:
+        """One backward pass from `objective`, in nnsight's backward session: the gradients at the MLP outputs
+        below layer `reached` (the only ones a target reaches) and at the embeddings, else None. nnsight serves
+        them in the order the pass produces them (latest layer first, embeddings last)."""
+        got: list[torch.Tensor | None] = [None] * (self.n_layers + 1)
+        with objective.backward(retain_graph=True):
+            for layer in range(reached - 1, -1, -1):
+                got[layer] = self.outputs[layer].grad.save()
+            got[-1] = self.embeds.grad.save()
+        for leaf in self.leaves:  # the expanded sites' bases accumulate gradients nobody reads
+            leaf.grad = None
+        return got
+
+
+class _Inject(torch.autograd.Function):
+    """A scalar whose backward pass hands each site its given gradient (no product with the sites is formed or
+    kept): `_Inject.apply(grads, *sites).backward()` is `torch.autograd.backward(sites, grads)` as one tensor."""
+
+    @staticmethod
+    def forward(ctx: Any, grads: list[torch.Tensor], *sites: torch.Tensor) -> torch.Tensor:
+        ctx.grads = grads
+        return sites[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _: torch.Tensor) -> tuple[None, ...]:
+        grads, ctx.grads = ctx.grads, None
+        return (None, *grads)
 
 
 def _by_position(cols: torch.Tensor, pos: torch.Tensor, scaled: torch.Tensor, n_pos: int
@@ -509,13 +611,6 @@ def _by_position(cols: torch.Tensor, pos: torch.Tensor, scaled: torch.Tensor, n_
     padded = scaled.new_zeros(n_pos, width, *scaled.shape[1:])
     padded[pos, slot] = scaled
     return columns, padded
-
-
-def _store(slots: list, index: int, transform: Callable[[torch.Tensor], torch.Tensor]
-           ) -> Callable[[torch.Tensor], None]:
-    def fn(x: torch.Tensor) -> None:
-        slots[index] = transform(x).detach()
-    return fn
 
 
 # ---- the attribution loop --------------------------------------------------------------------------------------
@@ -553,41 +648,46 @@ def _run(rm: _ReplacementModel, tokens: torch.Tensor, targets: tuple, tokenizer:
     max_feature_nodes = min(n_active if max_feature_nodes is None else max_feature_nodes, n_active)
     logger.info("%d active features, %d logit targets, attributing %d features", n_active, n_logits,
                 max_feature_nodes)
-    rm.build(max(1, min(batch_size, max(n_logits, max_feature_nodes))))
-    device = rm.embeds.device
-    edges = torch.zeros(n_logits + max_feature_nodes, n_sources, device=device)
+    device = rm.token_vectors.device
+    edges = torch.zeros(n_logits + max_feature_nodes, n_sources + 1, device=device)  # + the rows' spare column
     row_nodes = torch.zeros(n_logits + max_feature_nodes, dtype=torch.long, device=device)
-    # Row node ids: feature i -> i, logit i -> n_sources + i (the influence vector's layout).
-    for start in range(0, n_logits, batch_size):
-        batch = logit_vectors[start:start + batch_size]
-        edges[start:start + len(batch)] = rm.rows(torch.full((len(batch),), n_layers, device=device),
-                                                  torch.full((len(batch),), n_pos - 1, device=device), batch)
-        row_nodes[start:start + len(batch)] = n_sources + torch.arange(start, start + len(batch), device=device)
-
     feature_layers, feature_pos, feature_ids = rm.active_features.T.to(device)
     visited = torch.zeros(n_active, dtype=torch.bool, device=device)
-    filled, n_visited = n_logits, 0
-    while n_visited < max_feature_nodes:
-        if max_feature_nodes == n_active:
-            pending = torch.arange(n_active, device=device)
-        else:
-            influences = _partial_influences(edges[:filled], row_nodes[:filled], logit_probs, n_sources)
-            ranking = torch.argsort(influences[:n_active], descending=True, stable=True)
-            queue = min(update_interval * batch_size, max_feature_nodes - n_visited)
-            pending = ranking[~visited[ranking]][:queue]
-        for batch in pending.split(batch_size):
-            layers = feature_layers[batch]
-            vectors = torch.cat([transcoders.encoder_vectors(int(layer), feature_ids[batch][layers == layer])
-                                 for layer in layers.unique()]).float()
-            order = torch.cat([(layers == layer).nonzero().squeeze(1) for layer in layers.unique()])
-            batch = batch[order]  # grouped by layer, matching `vectors`
-            edges[filled:filled + len(batch)] = rm.rows(feature_layers[batch], feature_pos[batch], vectors)
-            row_nodes[filled:filled + len(batch)] = batch
-            visited[batch] = True
-            filled += len(batch)
-            n_visited += len(batch)
-        logger.info("attributed %d/%d features", n_visited, max_feature_nodes)
-    rm.release()
+    filled = n_logits
+
+    def attribute_rows() -> None:
+        """Inside the frozen trace: logit rows, then feature rows in order of (re-estimated) logit influence."""
+        nonlocal filled
+        # Row node ids: feature i -> i, logit i -> n_sources + i (the influence vector's layout).
+        for start in range(0, n_logits, batch_size):
+            batch = logit_vectors[start:start + batch_size]
+            rm.rows(torch.full((len(batch),), n_layers, device=device),
+                    torch.full((len(batch),), n_pos - 1, device=device), batch, edges[start:start + len(batch)])
+            row_nodes[start:start + len(batch)] = n_sources + torch.arange(start, start + len(batch), device=device)
+        n_visited = 0
+        while n_visited < max_feature_nodes:
+            if max_feature_nodes == n_active:
+                pending = torch.arange(n_active, device=device)
+            else:
+                influences = _partial_influences(edges[:filled, :n_sources], row_nodes[:filled], logit_probs,
+                                                 n_sources)
+                ranking = torch.argsort(influences[:n_active], descending=True, stable=True)
+                queue = min(update_interval * batch_size, max_feature_nodes - n_visited)
+                pending = ranking[~visited[ranking]][:queue]
+            for batch in pending.split(batch_size):
+                layers = feature_layers[batch]
+                vectors = torch.cat([transcoders.encoder_vectors(int(layer), feature_ids[batch][layers == layer])
+                                     for layer in layers.unique()]).float()
+                order = torch.cat([(layers == layer).nonzero().squeeze(1) for layer in layers.unique()])
+                batch = batch[order]  # grouped by layer, matching `vectors`
+                rm.rows(feature_layers[batch], feature_pos[batch], vectors, edges[filled:filled + len(batch)])
+                row_nodes[filled:filled + len(batch)] = batch
+                visited[batch] = True
+                filled += len(batch)
+                n_visited += len(batch)
+            logger.info("attributed %d/%d features", n_visited, max_feature_nodes)
+
+    rm.run_frozen(max(1, min(batch_size, max(n_logits, max_feature_nodes))), attribute_rows)
 
     selected = visited.nonzero().squeeze(1)
     columns = torch.cat([selected, torch.arange(n_active, n_sources, device=device)])
