@@ -402,11 +402,7 @@ def is_tl_hook(model: Any, name: Any) -> bool:
     ``ln_final.…``) rather than as an HF module path (a path that exists in the model wins)."""
     if not isinstance(name, str) or not name.startswith(("hook_", "blocks.", "ln_final.")):
         return False
-    try:
-        _locate(unwrap_model(model), _split_io_suffix(name)[0])
-    except ValueError:
-        return True
-    return False
+    return _find(unwrap_model(model), _split_io_suffix(name)[0]) is None
 
 
 def _split_io_suffix(path: str) -> tuple[str, Literal["input", "output"]]:
@@ -462,9 +458,23 @@ def _family(config: Any) -> _Family:
 
 
 def _locate(root: torch.nn.Module, path: str) -> str:
-    """``path`` as it exists in ``root``. A path written for the ``*ForCausalLM`` model is mapped onto a bare base
-    model (prefix dropped) and onto a wrapper whose text model sits elsewhere (``model.`` → the decoder's path, as
-    ``get_decoder()`` names it: ``model.language_model.`` for Gemma 3 / Llava-style models)."""
+    """``path`` as it exists in ``root`` (see `_find`), else a ValueError listing the closest module paths."""
+    found = _find(root, path)
+    if found is not None:
+        return found
+    close = difflib.get_close_matches(path, sorted(name for name, _ in root.named_modules()), n=5, cutoff=0.5)
+    hint = f" Closest: {', '.join(close)}." if close else ""
+    raise ValueError(
+        f"No module {path!r} in {type(root).__name__} (paths are relative to the HF model root, with an optional "
+        f".input/.output suffix; TransformerLens names like 'blocks.0.hook_resid_pre' work for: "
+        f"{', '.join(sorted(_FAMILIES))}).{hint}"
+    )
+
+
+def _find(root: torch.nn.Module, path: str) -> str | None:
+    """``path`` as it exists in ``root``, or None. A path written for the ``*ForCausalLM`` model is mapped onto a bare
+    base model (prefix dropped) and onto a wrapper whose text model sits elsewhere (``model.`` → the decoder's path,
+    as ``get_decoder()`` names it: ``model.language_model.`` for Gemma 3 / Llava-style models)."""
     if _has_module(root, path):
         return path
     head, _, rest = path.partition(".")
@@ -476,13 +486,7 @@ def _locate(root: torch.nn.Module, path: str) -> str:
         candidate = f"{decoder_path}.{rest}" if decoder_path else rest
         if _has_module(root, candidate):
             return candidate
-    close = difflib.get_close_matches(path, sorted(name for name, _ in root.named_modules()), n=5, cutoff=0.5)
-    hint = f" Closest: {', '.join(close)}." if close else ""
-    raise ValueError(
-        f"No module {path!r} in {type(root).__name__} (paths are relative to the HF model root, with an optional "
-        f".input/.output suffix; TransformerLens names like 'blocks.0.hook_resid_pre' work for: "
-        f"{', '.join(sorted(_FAMILIES))}).{hint}"
-    )
+    return None
 
 
 def _has_module(root: torch.nn.Module, path: str) -> bool:
