@@ -298,7 +298,7 @@ def bias_activation(h: torch.Tensor, b: torch.Tensor, kind: str, *, threshold: t
     if (native is not None and h.device.type == "cpu" and h.dtype == torch.float32 and h.is_contiguous()
             and all(t.dtype == torch.float32 and t.is_contiguous() and t.device == h.device for t in params)):
         t = threshold.clamp(min=0) if kind == "jumprelu" else None
-        _native_bias_activation(native, h.view(-1, h.shape[-1]), b, t, scale, b2, _ACTIVATION_KINDS[kind])
+        native.bias_activation(h.view(-1, h.shape[-1]), b, t, scale, b2, _ACTIVATION_KINDS[kind])
         return h
     if kind == "relu":
         return h.add_(b).relu_()
@@ -307,43 +307,3 @@ def bias_activation(h: torch.Tensor, b: torch.Tensor, kind: str, *, threshold: t
         return h.masked_fill_(h <= threshold.clamp(min=0), 0)  # z where z > max(θ, 0), NaN kept: relu(z)·1[z > θ]
     gate = (h + b > 0).to(h.dtype)
     return h.mul_(scale).add_(b2).relu_().mul_(gate)
-
-
-def _native_bias_activation(native: Kernels, h: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None,
-                            s: torch.Tensor | None, b2: torch.Tensor | None, kind: int) -> None:
-    import ctypes
-
-    fn = native.lib.nnsae_bias_activation
-    if fn.argtypes is None:  # declared once: 64-bit sizes and pointers (ctypes would pass Python ints as C ints)
-        fn.argtypes = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int]
-        fn.restype = ctypes.c_int
-    rows, d = h.shape
-    ptrs = [None if x is None else x.data_ptr() for x in (b, t, s, b2)]
-
-    def run(lo: int, hi: int) -> None:
-        if hi > lo and fn(hi - lo, d, h[lo].data_ptr(), *ptrs, kind) != 0:
-            raise RuntimeError(f"nnsae_bias_activation: unknown kind {kind}.")
-
-    parts = min(torch.get_num_threads(), max(1, rows * d >> 20))  # threads only for work worth starting them
-    if parts <= 1:
-        run(0, rows)
-        return
-    import threading
-
-    bounds = [rows * i // parts for i in range(parts + 1)]
-    errors: list[BaseException] = []
-
-    def guarded(lo: int, hi: int) -> None:
-        try:
-            run(lo, hi)
-        except BaseException as error:  # noqa: BLE001 - re-raised below
-            errors.append(error)
-
-    threads = [threading.Thread(target=guarded, args=(bounds[i], bounds[i + 1])) for i in range(1, parts)]
-    for thread in threads:
-        thread.start()
-    guarded(bounds[0], bounds[1])
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]

@@ -34,6 +34,7 @@ _i64, _f32, _f64, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_double, 
 _SIGNATURES = {
     "nnsae_bf16_topk": [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _f64, _f64, _f64, _f64, _i64, _i64,
                         _f64, _int, _int, _ptr, _ptr, _ptr],
+    "nnsae_bias_activation": [_i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
     "nnsae_feature_stats": [_i64, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, _f32, _i64, _ptr, _i64, _i64, _i64,
                             _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr],
 }
@@ -43,6 +44,31 @@ _STATS_TENSORS = ("firing_count", "activation_sum", "max_activation", "histogram
 
 def _ptr_of(t: torch.Tensor | None) -> int | None:
     return t.data_ptr() if t is not None and t.numel() else None
+
+
+def _split_rows(run: Any, n: int, parts: int) -> None:
+    """``run(lo, hi)`` over rows [0, n) in ``parts`` contiguous spans, one per thread (ctypes releases the GIL); the
+    first error is re-raised in the caller's thread."""
+    if parts <= 1:
+        run(0, n)
+        return
+    bounds = [n * i // parts for i in range(parts + 1)]
+    errors: list[BaseException] = []
+
+    def guarded(lo: int, hi: int) -> None:
+        try:
+            run(lo, hi)
+        except BaseException as error:  # re-raised in the caller's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=span) for span in zip(bounds[1:-1], bounds[2:])]
+    for thread in threads:
+        thread.start()
+    guarded(bounds[0], bounds[1])
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 class Kernels:
@@ -66,24 +92,20 @@ class Kernels:
             if status != 0:
                 raise RuntimeError(f"nnsae_bf16_topk rejected its arguments (k={k}, g={g}, d_sae={s}).")
 
-        parts = min(torch.get_num_threads(), max(n // 64, 1))
-        bounds = [n * i // parts for i in range(parts + 1)]
-        errors: list[BaseException] = []
+        _split_rows(run, n, min(torch.get_num_threads(), max(n // 64, 1)))
 
-        def guarded(lo: int, hi: int) -> None:
-            try:
-                run(lo, hi)
-            except BaseException as error:  # re-raised in the caller's thread
-                errors.append(error)
+    def bias_activation(self, h: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None, s: torch.Tensor | None,
+                        b2: torch.Tensor | None, kind: int) -> None:
+        """`nnsae.kernels.bias_activation` in place on float32 h (rows, d): one pass, rows split over torch's thread
+        count once the work is worth starting threads for."""
+        rows, d = h.shape
+        ptrs = [None if x is None else x.data_ptr() for x in (b, t, s, b2)]
 
-        threads = [threading.Thread(target=guarded, args=span) for span in zip(bounds[1:-1], bounds[2:])]
-        for thread in threads:
-            thread.start()
-        guarded(bounds[0], bounds[1])
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
+        def run(lo: int, hi: int) -> None:
+            if hi > lo and self.lib.nnsae_bias_activation(hi - lo, d, h[lo].data_ptr(), *ptrs, kind) != 0:
+                raise RuntimeError(f"nnsae_bias_activation: unknown kind {kind}.")
+
+        _split_rows(run, rows, min(torch.get_num_threads(), max(1, rows * d >> 20)))
 
     def feature_stats(self, state: dict[str, torch.Tensor], rows: torch.Tensor, feats: torch.Tensor,
                       vals: torch.Tensor, tokens: torch.Tensor, counted: torch.Tensor | None, first_index: int,
