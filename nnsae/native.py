@@ -35,6 +35,7 @@ _SIGNATURES = {
     "nnsae_bf16_topk": [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _f64, _f64, _f64, _f64, _i64, _i64,
                         _f64, _int, _int, _ptr, _ptr, _ptr],
     "nnsae_bias_activation": [_i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
+    "nnsae_row_topk": [_i64, _i64, _i64, _ptr, _i64, _int, _ptr],
     "nnsae_feature_stats": [_i64, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, _f32, _i64, _ptr, _i64, _i64, _i64,
                             _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr],
 }
@@ -106,6 +107,20 @@ class Kernels:
                 raise RuntimeError(f"nnsae_bias_activation: unknown kind {kind}.")
 
         _split_rows(run, rows, min(torch.get_num_threads(), max(1, rows * d >> 20)))
+
+    def row_topk(self, h: torch.Tensor, k: int, absolute: bool = False) -> torch.Tensor:
+        """`nnsae.kernels.row_topk` of float32 h (n, s) with unit column stride, by |h| if `absolute`: (n, k) int64
+        indices, one pass over each row, rows split over torch's thread count."""
+        n, s = h.shape
+        indices = torch.empty(n, k, dtype=torch.int64)
+
+        def run(lo: int, hi: int) -> None:
+            if hi > lo and self.lib.nnsae_row_topk(hi - lo, s, h.stride(0), h[lo].data_ptr(), k, int(absolute),
+                                                   indices[lo].data_ptr()) != 0:
+                raise ValueError(f"row_topk: k={k} must be between 1 and the row length {s}.")
+
+        _split_rows(run, n, min(torch.get_num_threads(), max(1, n * s >> 18)))
+        return indices
 
     def feature_stats(self, state: dict[str, torch.Tensor], rows: torch.Tensor, feats: torch.Tensor,
                       vals: torch.Tensor, tokens: torch.Tensor, counted: torch.Tensor | None, first_index: int,

@@ -165,12 +165,35 @@ def test_k_equal_to_d_sae_takes_the_dense_path():
     check_selection(values, indices, x, W, b, 16, False, True)
 
 
-def test_row_topk_selects_what_torch_topk_selects():
+@pytest.mark.parametrize("absolute", [False, True])
+def test_row_topk_selects_what_torch_topk_selects(path, absolute):
     g = torch.Generator().manual_seed(0)
-    for n, s, k in [(7, 4608, 32), (33, 100, 5), (5, 96, 3), (4, 37, 2), (16, 64, 32), (3, 64, 64), (4, 30, 1)]:
-        h = torch.randn(n, s, generator=g)
-        expected = torch.sort(torch.topk(h, k, sorted=False).indices).values
-        assert torch.equal(torch.sort(kernels.row_topk(h, k)).values, expected), (n, s, k)
+    cases = [(7, 4608, 32), (33, 100, 5), (5, 96, 3), (4, 37, 2), (16, 64, 32), (3, 64, 64), (4, 30, 1),
+             (300, 1152, 16), (9, 4617, 7), (6, 4608, 288), (2, 33, 16)]
+    for n, s, k in cases:
+        wide = torch.randn(n, s + 5, generator=g)
+        h = wide[:, 2:s + 2]  # rows further apart than their length
+        h[0, 0] = float("inf")
+        if not absolute:
+            h[0, 1] = -float("inf")
+        key = h.abs() if absolute else h
+        expected = torch.sort(torch.topk(key, k, sorted=False).indices).values
+        got = kernels.row_topk(h, k, path, absolute)
+        assert torch.equal(torch.sort(got).values, expected), (n, s, k)
+
+
+def test_native_row_topk_never_selects_nan():
+    lib = native.library()
+    if lib is None:
+        pytest.skip("no C++ compiler: the native kernels cannot be built here")
+    h = torch.randn(4, 200)
+    h[0, ::3] = float("nan")
+    h[1, :198] = float("nan")  # only two numbers: the other three picks are NaN positions
+    got = kernels.row_topk(h, 5, lib)
+    finite = torch.nan_to_num(h, nan=-float("inf"))
+    assert torch.equal(torch.sort(got[0]).values, torch.sort(torch.topk(finite[0], 5).indices).values)
+    assert set(got[1].tolist()) >= {198, 199} and all(torch.isnan(h[1, i]) for i in got[1].tolist()
+                                                      if i not in (198, 199))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from nnsae import kernels
-from nnsae.architectures.base import SAE
+from nnsae.architectures.base import SAE, native_kernels
 
 
 class TopKSAE(SAE):
@@ -36,7 +36,8 @@ class TopKSAE(SAE):
 
     def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) of the k active features per token."""
-        values, indices = kernels.dense_topk(pre.reshape(-1, pre.shape[-1]), self.cfg.k, self.absolute)
+        values, indices = kernels.dense_topk(pre.reshape(-1, pre.shape[-1]), self.cfg.k, self.absolute,
+                                             native_kernels())
         values = values if self.absolute else torch.relu(values)
         return values.view(*pre.shape[:-1], values.shape[-1]), indices.view(*pre.shape[:-1], indices.shape[-1])
 
@@ -59,12 +60,11 @@ class TopKSAE(SAE):
         sae_in = self.process_sae_in(x)
         flat = sae_in.reshape(-1, sae_in.shape[-1])
         scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
-        weights = native = None
+        weights, native = None, native_kernels()
         if kernels.bf16_is_fast(flat.device, flat.dtype):
             cache = self.__dict__.setdefault("_bf16_cache", {})  # not a buffer: never saved nor pickled
             weights = kernels.bf16_weights(cache, self.W_enc, self.b_enc,
                                            self.W_dec if scale is not None else None, scale)
-            native = _native_kernels()
         values, indices = kernels.topk_preacts(flat, self.W_enc, self.b_enc, self.cfg.k, absolute=self.absolute,
                                                relu=not self.absolute, scale=scale, weights=weights,
                                                ordered=ordered, native=native)
@@ -122,13 +122,3 @@ class AbsTopKSAE(TopKSAE):
 
     architecture = "abstopk"
     absolute = True
-
-
-def _native_kernels():
-    """`nnsae.native.library()`, imported here rather than at module level: an SAE shipped by value to a remote
-    server that cannot import nnsae runs in plain torch there (None)."""
-    try:
-        from nnsae import native
-    except ImportError:
-        return None
-    return native.library()

@@ -43,7 +43,8 @@ class StepOutput:
 
 
 def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (x_hat - x).pow(2).sum(dim=-1).mean()
+    """SAELens' `mse_loss`: the squared error summed over the features, averaged over tokens."""
+    return sparse.squared_error(x_hat, x)
 
 
 class TrainingSAE(nn.Module):

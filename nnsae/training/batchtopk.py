@@ -35,7 +35,7 @@ class BatchTopKTrainingSAE(TopKTrainingSAE):
         TopKTrainingSAE.__init__(self, cfg, d_in, d_out)
         self.register_buffer("topk_threshold", torch.tensor(0.0, dtype=torch.float64, device=cfg.device))
 
-    def select(self, x, h, norms, ctx):
+    def select(self, x_in, h, norms, ctx):
         n_rows, n_cols = h.shape
         world = ctx.comm.world_size if ctx.comm is not None else 1
         flat = h.reshape(-1)
@@ -43,7 +43,7 @@ class BatchTopKTrainingSAE(TopKTrainingSAE):
         raw = None
         if self.refine:  # bf16 proposes 2m candidates, exact float values decide
             candidates = top_positive_flat(flat, min(2 * m, flat.numel()))
-            raw_c = self.raw_values(x, h, Pattern.from_flat(candidates, n_rows, n_cols), norms)
+            raw_c = self.raw_values(x_in, h, Pattern.from_flat(candidates, n_rows, n_cols), norms)
             exact = raw_c * norms[candidates % n_cols] if norms is not None else raw_c
             keep = top_positive_flat(exact, m)
             idx, raw, values = candidates[keep], raw_c[keep], exact[keep]
@@ -58,7 +58,7 @@ class BatchTopKTrainingSAE(TopKTrainingSAE):
                 idx = idx[keep]
                 raw = raw[keep] if raw is not None else None
         pattern = Pattern.from_flat(idx, n_rows, n_cols)
-        return pattern, raw if raw is not None else self.raw_values(x, h, pattern, norms)
+        return pattern, raw if raw is not None else self.raw_values(x_in, h, pattern, norms)
 
     def after_forward(self, acts: torch.Tensor, ctx: StepContext) -> dict[str, float]:
         with torch.no_grad():
@@ -115,12 +115,12 @@ class MatryoshkaBatchTopKTrainingSAE(BatchTopKTrainingSAE):
             partials.append((hi, decoded))
         return decoded, partials
 
-    def aux_groups(self, x, h, norms, dead):
+    def aux_groups(self, x_in, h, norms, dead):
         if not self.cfg.use_matryoshka_aux_loss:
-            return BatchTopKTrainingSAE.aux_groups(self, x, h, norms, dead)
+            return BatchTopKTrainingSAE.aux_groups(self, x_in, h, norms, dead)
         groups = []
         for level, (lo, hi) in enumerate(self.levels()):
-            group = self.select_aux(x, h, norms, dead, lo, hi)
+            group = self.select_aux(x_in, h, norms, dead, lo, hi)
             if group is not None:
                 groups.append((*group, level))
         return groups

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.autograd import Function
 
-from nnsae import kernels
+from nnsae import kernels, native
 from nnsae.circuits import CrossLayerTranscoder
 from nnsae.training import sparse
 from nnsae.training.base import StepContext, StepOutput
@@ -112,6 +112,7 @@ class CrossLayerTrainingSAE(nn.Module):
             raise ValueError(f"circuit-tracer's cross-layer transcoders read and write d_model-wide activations; the "
                              f"input hooks are {d_in} wide and the output hooks {d_out}.")
         self.cfg, self.d_in, self.d_out = cfg, d_in, d_out
+        self.native = native.library()  # the C++ row top-k on CPU; None without a compiler
         self.n_layers = len(cfg.hook)
         self.n_latents = self.n_layers * cfg.d_sae
         self.input_hook, self.output_hook = clt_hook_names(cfg)
@@ -163,9 +164,8 @@ class CrossLayerTrainingSAE(nn.Module):
         W, b, k = self.W_enc[i], self.b_enc[i], int(self.cfg.k)
         with torch.no_grad():
             norms = self.W_dec[i].flatten(1).norm(dim=-1) if self.rescale else None
-            h = sparse.biased_matmul(x_i, W * norms if norms is not None else W,
-                                     b * norms if norms is not None else b)
-            indices = kernels.row_topk(h, k)
+            h = sparse.biased_matmul(x_i, W, b, col_scale=norms)
+            indices = kernels.row_topk(h, k, self.native)
             pattern = Pattern.from_topk(indices, h.shape[1])
             values = h.gather(1, indices).reshape(-1).to(self.dtype)
             return pattern, values / norms.index_select(0, pattern.cols) if norms is not None else values

@@ -94,15 +94,15 @@ def _col_bag_sum(dense: torch.Tensor, weights: torch.Tensor, pattern: Pattern) -
 
 class _Preacts(Function):
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, values, pattern):  # type: ignore[override]
+    def forward(ctx, x, b_dec, W_enc, b_enc, values, pattern, x_in):  # type: ignore[override]
         ctx.pattern = pattern
-        ctx.save_for_backward(x, b_dec, W_enc)
+        ctx.save_for_backward(x, b_dec, W_enc, x_in)
         ctx.has_b_dec = b_dec is not None
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, b_dec, W_enc = ctx.saved_tensors
+        x, b_dec, W_enc, x_in = ctx.saved_tensors
         pattern: Pattern = ctx.pattern
         grad = grad.contiguous().to(W_enc.dtype)
         need_x, need_b_dec, need_W_enc, need_b_enc = ctx.needs_input_grad[:4]
@@ -110,23 +110,26 @@ class _Preacts(Function):
             0, pattern.cols, grad)
         grad_x = grad_b_dec = grad_W_enc = None
         if need_W_enc:
-            x_in = (x - b_dec if ctx.has_b_dec else x).to(W_enc.dtype)
+            if x_in is None:
+                x_in = x - b_dec if ctx.has_b_dec else x
+            x_in = x_in.to(W_enc.dtype)
             grad_W_enc = _col_bag_sum(x_in, grad, pattern).t()  # (d_in, d_sae), laid out like a transposed view
         if need_b_dec and ctx.has_b_dec:
             grad_b_dec = -(W_enc @ grad_b_enc)
         if need_x:
             indices, offsets = pattern.row_bags()
             grad_x = _bags(W_enc.t().contiguous(), indices, offsets, grad).to(x.dtype)
-        return grad_x, grad_b_dec, grad_W_enc, grad_b_enc if need_b_enc else None, None, None
+        return grad_x, grad_b_dec, grad_W_enc, grad_b_enc if need_b_enc else None, None, None, None
 
 
 def preacts(x: torch.Tensor, b_dec: torch.Tensor | None, W_enc: torch.Tensor, b_enc: torch.Tensor,
-            values: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+            values: torch.Tensor, pattern: Pattern, x_in: torch.Tensor | None = None) -> torch.Tensor:
     """`((x − b_dec) @ W_enc + b_enc)` at the pattern's entries, shape (nnz,), with a sparse backward.
 
-    `values` must hold exactly those forward values (computed without grad by the caller).
+    `values` must hold exactly those forward values (computed without grad by the caller); `x_in`, if the caller
+    has it, the detached `x − b_dec` (the backward then does not recompute it).
     """
-    return _Preacts.apply(x, b_dec, W_enc, b_enc, values, pattern)
+    return _Preacts.apply(x, b_dec, W_enc, b_enc, values, pattern, x_in)
 
 
 def row_dots(rows: torch.Tensor, weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
@@ -173,19 +176,74 @@ def decode(W_dec: torch.Tensor, coef: torch.Tensor, pattern: Pattern) -> torch.T
     return _Decode.apply(W_dec, coef, pattern)
 
 
-def biased_matmul(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None
-                  ) -> torch.Tensor:
-    """`x @ W + b` as one GEMM over inputs augmented with a ones column (no separate pass for the bias; ~20% faster
-    than addmm on CPU at SAE sizes). `dtype` (e.g. bfloat16) is the compute dtype."""
-    n, d = x.shape
-    dtype = dtype or x.dtype
-    xa = torch.empty(n, d + 1, dtype=dtype, device=x.device)
-    xa[:, :d] = x
-    xa[:, d] = 1
-    Wa = torch.empty(W.shape[1], d + 1, dtype=dtype, device=W.device)  # latent-major
-    Wa[:, :d] = W.t()
-    Wa[:, d] = b
-    return xa @ Wa.t()
+def biased_matmul(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None,
+                  col_scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W + b`, or `(x @ W + b) ⊙ col_scale`, as one addmm (as fast as the bare GEMM on CPU: the bias is the
+    GEMM's initial output). The scale is applied to W in one pass that keeps W's layout (latent-major stays
+    latent-major, no transposing copy). `dtype` (e.g. bfloat16) is the compute dtype. `out`: a buffer kept from step
+    to step (a fresh (n, d_sae) output is memory the OS must fault in page by page: a quarter of the GEMM's time)."""
+    if col_scale is not None:
+        W = (W.t() * col_scale[:, None]).t()
+        b = b * col_scale
+    if dtype is not None and dtype != x.dtype:
+        x, W, b = x.to(dtype), W.to(dtype), b.to(dtype)
+    return torch.addmm(b, x, W, out=out)
+
+
+class StepBuffer:
+    """One reusable tensor, reallocated only when the shape, dtype or device asked for changes."""
+
+    def __init__(self) -> None:
+        self.tensor: torch.Tensor | None = None
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        t = self.tensor
+        if t is None or t.shape != shape or t.dtype != dtype or t.device != device:
+            self.tensor = t = torch.empty(shape, dtype=dtype, device=device)
+        return t
+
+
+class _RowNorms(Function):
+    @staticmethod
+    def forward(ctx, W):  # type: ignore[override]
+        norms = torch.linalg.vector_norm(W, dim=-1)
+        ctx.save_for_backward(W, norms)
+        return norms
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        W, norms = ctx.saved_tensors
+        return W * (grad / norms).masked_fill(norms == 0, 0)[:, None]
+
+
+def row_norms(W: torch.Tensor) -> torch.Tensor:
+    """`W.norm(dim=-1)` whose backward is one pass over W (autograd's is a division and a multiplication, each
+    materialising a W-sized tensor); a zero row gets gradient 0, as in autograd."""
+    return _RowNorms.apply(W)
+
+
+class _SquaredError(Function):
+    @staticmethod
+    def forward(ctx, x_hat, x):  # type: ignore[override]
+        diff = x_hat - x
+        ctx.save_for_backward(diff)
+        ctx.rows = diff.numel() // diff.shape[-1]
+        flat = diff.reshape(-1)
+        return torch.dot(flat, flat) / ctx.rows
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (diff,) = ctx.saved_tensors
+        g = diff * (2 * grad / ctx.rows)
+        return g if ctx.needs_input_grad[0] else None, -g if ctx.needs_input_grad[1] else None
+
+
+def squared_error(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`(x_hat − x).pow(2).sum(-1).mean()` in three passes instead of seven: one subtraction, a dot product and,
+    in the backward, one scaling of the saved difference."""
+    if x_hat.shape != x.shape or x_hat.dtype != x.dtype:
+        return (x_hat - x).pow(2).sum(dim=-1).mean()
+    return _SquaredError.apply(x_hat, x)
 
 
 def top_positive_flat(flat: torch.Tensor, m: int) -> torch.Tensor:

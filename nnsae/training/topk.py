@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnsae import kernels
+from nnsae import kernels, native
 from nnsae.architectures import SAE
 from nnsae.config import SAEConfig
 from nnsae.training import sparse
@@ -35,6 +35,8 @@ class TopKTrainingSAE(TrainingSAE):
 
     def initialize(self) -> None:
         TrainingSAE.initialize(self)
+        self.native = native.library()  # the C++ row top-k on CPU; None without a compiler
+        self.h_buffer = sparse.StepBuffer()  # the selection matmul's output, reused from step to step
         if self.cfg.sparse_kernels:
             # W_enc keeps its [d_in, d_sae] shape but is stored latent-major, the layout its sparse gradient has.
             self.sae.W_enc = nn.Parameter(self.sae.W_enc.detach().t().contiguous().t())
@@ -45,48 +47,55 @@ class TopKTrainingSAE(TrainingSAE):
     def rescale(self) -> bool:
         return self.cfg.rescale_acts_by_decoder_norm
 
-    def selection_preacts(self, x: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
-        """h = (x̃ W_enc + b_enc) ⊙ n as one (possibly bf16) matmul, without grad."""
-        sae = self.sae
+    def shifted_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x̃ = x − b_dec (x itself without apply_b_dec_to_input), detached: computed once per step."""
+        return (x - self.sae.b_dec).detach() if self.cfg.apply_b_dec_to_input else x.detach()
+
+    def selection_preacts(self, x_in: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+        """h = (x̃ W_enc + b_enc) ⊙ n as one (possibly bf16) matmul, without grad, into the step buffer."""
+        dtype = torch.bfloat16 if self.cfg.autocast else x_in.dtype
         with torch.no_grad():
-            x_in = x - sae.b_dec if self.cfg.apply_b_dec_to_input else x
-            W, b = sae.W_enc, sae.b_enc
-            if norms is not None:
-                W, b = W * norms, b * norms
-            return sparse.biased_matmul(x_in, W, b, torch.bfloat16 if self.cfg.autocast else None)
+            out = self.h_buffer.get((x_in.shape[0], self.cfg.d_sae), dtype, x_in.device)
+            return sparse.biased_matmul(x_in, self.sae.W_enc, self.sae.b_enc, dtype, col_scale=norms, out=out)
 
     @property
     def refine(self) -> bool:
         """bf16 selection matmul: search candidates in bf16, decide on exact float32 values."""
         return self.cfg.autocast and self.cfg.sparse_kernels
 
-    def raw_values(self, x: torch.Tensor, h: torch.Tensor, pattern: Pattern, norms: torch.Tensor | None
+    def raw_values(self, x_in: torch.Tensor, h: torch.Tensor, pattern: Pattern, norms: torch.Tensor | None
                    ) -> torch.Tensor:
         """The pre-activations x̃ W_enc + b_enc (before ×n) at the pattern, (nnz,), without grad: exact float
         dot products (O(nnz·d_in)) when the selection matmul ran in bf16, else read from h."""
         sae = self.sae
         with torch.no_grad():
             if self.refine:
-                x_in = x - sae.b_dec if self.cfg.apply_b_dec_to_input else x
                 return sparse.row_dots(x_in, sae.W_enc.t(), pattern) + sae.b_enc[pattern.cols]
-            values = h[pattern.rows, pattern.cols].to(self.dtype)
+            if pattern.k is not None:
+                values = h.gather(1, pattern.cols.view(pattern.n_rows, pattern.k)).reshape(-1).to(self.dtype)
+            else:
+                values = h[pattern.rows, pattern.cols].to(self.dtype)
             return values / norms[pattern.cols] if norms is not None else values
 
-    def key(self, h: torch.Tensor) -> torch.Tensor:
-        return h.abs() if self.architecture == "abstopk" else h
+    @property
+    def absolute(self) -> bool:
+        return self.architecture == "abstopk"
 
-    def select(self, x: torch.Tensor, h: torch.Tensor, norms: torch.Tensor | None, ctx: StepContext
+    def key(self, h: torch.Tensor) -> torch.Tensor:
+        return h.abs() if self.absolute else h
+
+    def select(self, x_in: torch.Tensor, h: torch.Tensor, norms: torch.Tensor | None, ctx: StepContext
                ) -> tuple[Pattern, torch.Tensor]:
         """(pattern of the k latents per token, their raw pre-activations)."""
         n_rows, n_cols = h.shape
         k = int(self.cfg.k)
         if not self.refine:
-            pattern = Pattern.from_topk(kernels.row_topk(self.key(h), k), n_cols)
-            return pattern, self.raw_values(x, h, pattern, norms)
+            pattern = Pattern.from_topk(kernels.row_topk(h, k, self.native, self.absolute), n_cols)
+            return pattern, self.raw_values(x_in, h, pattern, norms)
         # Ties and rounding in bf16 would bias the choice; the top 2k by bf16 contain the exact top k.
         m = min(2 * k, n_cols)
-        candidates = kernels.row_topk(self.key(h), m)
-        raw = self.raw_values(x, h, Pattern.from_topk(candidates, n_cols), norms).view(n_rows, m)
+        candidates = kernels.row_topk(h, m, self.native, self.absolute)
+        raw = self.raw_values(x_in, h, Pattern.from_topk(candidates, n_cols), norms).view(n_rows, m)
         exact = raw * norms[candidates] if norms is not None else raw
         pos = torch.topk(self.key(exact), k, dim=-1, sorted=False).indices
         return Pattern.from_topk(candidates.gather(1, pos), n_cols), raw.gather(1, pos).reshape(-1)
@@ -94,7 +103,7 @@ class TopKTrainingSAE(TrainingSAE):
     def activation(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden if self.architecture == "abstopk" else torch.relu(hidden)
 
-    def select_aux(self, x: torch.Tensor, h: torch.Tensor, norms: torch.Tensor | None, dead: torch.Tensor,
+    def select_aux(self, x_in: torch.Tensor, h: torch.Tensor, norms: torch.Tensor | None, dead: torch.Tensor,
                    lo: int = 0, hi: int | None = None) -> tuple[Pattern, torch.Tensor, float] | None:
         """(pattern, raw pre-activations, loss scale) of the top dead latents among columns lo:hi per token."""
         dead_idx = dead[lo:hi].nonzero().squeeze(1) + lo
@@ -103,20 +112,20 @@ class TopKTrainingSAE(TrainingSAE):
             return None
         k_aux = self.d_in // 2
         scale = min(n_dead / k_aux, 1.0)
-        pos = kernels.row_topk(self.key(h.index_select(1, dead_idx)), min(k_aux, n_dead))
+        pos = kernels.row_topk(h.index_select(1, dead_idx), min(k_aux, n_dead), self.native, self.absolute)
         pattern = Pattern.from_topk(dead_idx[pos], h.shape[1])
-        return pattern, self.raw_values(x, h, pattern, norms), scale
+        return pattern, self.raw_values(x_in, h, pattern, norms), scale
 
-    def aux_groups(self, x: torch.Tensor, h: torch.Tensor, norms: torch.Tensor | None, dead: torch.Tensor
+    def aux_groups(self, x_in: torch.Tensor, h: torch.Tensor, norms: torch.Tensor | None, dead: torch.Tensor
                    ) -> list[tuple[Pattern, torch.Tensor, float, int | None]]:
         """AuxK selections as (pattern, raw values, scale, level): level None fits the residual of x̂."""
-        group = self.select_aux(x, h, norms, dead)
+        group = self.select_aux(x_in, h, norms, dead)
         return [] if group is None else [(*group, None)]
 
     # ---- differentiable values at a pattern ---------------------------------------------------------------------
 
-    def hidden_at(self, x: torch.Tensor, raw: torch.Tensor, pattern: Pattern, norms: torch.Tensor | None
-                  ) -> torch.Tensor:
+    def hidden_at(self, x: torch.Tensor, x_in: torch.Tensor, raw: torch.Tensor, pattern: Pattern,
+                  norms: torch.Tensor | None) -> torch.Tensor:
         """h at the pattern's entries, (nnz,), differentiable w.r.t. the parameters (sparse backward).
 
         `raw` holds the (detached) forward values of x̃ W_enc + b_enc there (`raw_values`)."""
@@ -124,7 +133,7 @@ class TopKTrainingSAE(TrainingSAE):
         if not self.cfg.sparse_kernels:
             return sparse.at(self._dense_hidden(x, norms).reshape(-1), pattern.rows * pattern.n_cols + pattern.cols)
         b_dec = sae.b_dec if self.cfg.apply_b_dec_to_input else None
-        pre = sparse.preacts(x, b_dec, sae.W_enc, sae.b_enc, raw, pattern)
+        pre = sparse.preacts(x, b_dec, sae.W_enc, sae.b_enc, raw, pattern, x_in)
         return pre * sparse.at(norms, pattern.cols) if norms is not None else pre
 
     def _dense_hidden(self, x: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
@@ -166,16 +175,17 @@ class TopKTrainingSAE(TrainingSAE):
         sae = self.sae
         x = x.to(self.dtype)
         y = self.target(x, ctx)
-        norms = sae.W_dec.norm(dim=-1) if self.rescale else None
+        norms = sparse.row_norms(sae.W_dec) if self.rescale else None
+        norms_d = None if norms is None else norms.detach()
+        x_in = self.shifted_input(x)
         if self.cfg.sparse_kernels:
-            h = self.selection_preacts(x, None if norms is None else norms.detach())  # bf16 with autocast
+            h = self.selection_preacts(x_in, norms_d)  # bf16 with autocast
         else:
             h = self._dense_hidden(x, norms).detach()
-        norms_d = None if norms is None else norms.detach()
         dead = ctx.dead_mask
-        groups = self.aux_groups(x, h, norms_d, dead) if dead is not None and bool(dead.any()) else []
-        pattern, raw = self.select(x, h, norms_d, ctx)
-        acts = self.activation(self.hidden_at(x, raw, pattern, norms))
+        groups = self.aux_groups(x_in, h, norms_d, dead) if dead is not None and bool(dead.any()) else []
+        pattern, raw = self.select(x_in, h, norms_d, ctx)
+        acts = self.activation(self.hidden_at(x, x_in, raw, pattern, norms))
         x_hat, partials = self.reconstruct(acts, pattern, norms, sae.b_dec + self.skip(x))
         losses = {"mse_loss": mse(x_hat, y)}
         for width, partial in partials[:-1]:
@@ -183,7 +193,7 @@ class TopKTrainingSAE(TrainingSAE):
         aux = x_hat.new_zeros(())
         for aux_pattern, aux_raw, scale, level in groups:
             residual = y - (x_hat if level is None else partials[level][1])
-            recons = self.decode_at(self.hidden_at(x, aux_raw, aux_pattern, norms), aux_pattern, norms)
+            recons = self.decode_at(self.hidden_at(x, x_in, aux_raw, aux_pattern, norms), aux_pattern, norms)
             aux = aux + scale * mse(recons, residual.detach())
         losses["auxiliary_reconstruction_loss"] = self.cfg.aux_loss_coefficient * aux
         metrics = self.after_forward(acts, ctx)
