@@ -5,6 +5,8 @@ hyper-parameters (lr, sparsity coefficients, batch, fp32 parameters and compute)
 step, one SAELens step, per batch) so load on the machine hits both alike. Reported per trainer:
 - whole-run tokens/s: the token budget over the summed step times (the dense early phase of the ReLU family
   included, so the ratio is what a user gets for the whole run, not only its sparse tail);
+- the step against its floor: the one dense GEMM a TopK step needs (the encoder, same shape, same batches,
+  stepped in the same lock-step), as `nnsae tok/s ÷ GEMM tok/s`;
 - held-out quality at the end: pooled explained variance (float64) and mean L0 of the exported inference SAE on
   held-out activations. Both trainers' results go through the same path: SAELens' `save_inference_model` and
   nnsae's export are loaded as nnsae inference SAEs, so BatchTopK is evaluated with its learned threshold for both.
@@ -257,6 +259,16 @@ def heldout_quality(folder: Path, x: torch.Tensor, batch_k: float | None = None)
     return ev(torch.ones_like(typical)), ev(typical), l0 / x.shape[0]
 
 
+def gemm_steppers(seed: int = 0) -> dict[str, Callable[[torch.Tensor], None]]:
+    """The floor of a TopK step: the one dense GEMM it cannot avoid, the encoder's `x @ W_enc` (batch × d_in ×
+    d_sae, float32), as a user writes it (a fresh output each call) and into one reused output buffer (no page
+    faults for the output: the fastest this GEMM runs)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(D_IN, D_SAE, generator=g)
+    out = torch.empty(BATCH, D_SAE)
+    return {"GEMM": lambda x: x @ W, "GEMM (reused output)": lambda x: torch.mm(x, W, out=out)}
+
+
 def race(steppers: dict[str, Callable[[torch.Tensor], None]], batches: Iterator[torch.Tensor]
          ) -> tuple[dict[str, float], int]:
     """Step every trainer on each batch in turn: (whole-run tokens/s per trainer, all steps included; steps)."""
@@ -293,20 +305,22 @@ def run(acts: torch.Tensor, heldout: torch.Tensor, n_steps: int, archs: list[str
                                                             init_seed)
         if with_saelens:
             steppers["SAELens"], exports["SAELens"] = saelens_stepper(arch, n_steps, autocast, init_seed)
+        steppers.update(gemm_steppers(seed))
         speed, _ = race(steppers, training_batches(data, n_steps, seed))
         batch_k = float(ARCHS[arch]["k"]) if "batchtopk" in arch else None
         quality = {name: heldout_quality(export(tmp / arch / name), held, batch_k) for name, export in exports.items()}
         hp = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in ARCHS[arch].items())
         dense = f"{stats['dense_steps']:.0f}" if arch in RELU_FAMILY else "–"
-        row = [arch, hp, f"{speed['nnsae']:,.0f}", f"{quality['nnsae'][0]:.4f} / {quality['nnsae'][1]:.4f}",
-               f"{quality['nnsae'][2]:.1f}", dense]
+        row = [arch, hp, f"{speed['nnsae']:,.0f}", f"{speed['nnsae'] / speed['GEMM']:.2f} / "
+               f"{speed['nnsae'] / speed['GEMM (reused output)']:.2f}",
+               f"{quality['nnsae'][0]:.4f} / {quality['nnsae'][1]:.4f}", f"{quality['nnsae'][2]:.1f}", dense]
         if with_saelens:
             row += [f"{speed['SAELens']:,.0f}", f"{quality['SAELens'][0]:.4f} / {quality['SAELens'][1]:.4f}",
                     f"{quality['SAELens'][2]:.1f}", f"**{speed['nnsae'] / speed['SAELens']:.2f}×**"]
         rows.append(row)
         print(f"  {arch}: {row}", file=sys.stderr, flush=True)  # progress; the report goes to stdout
-    header = ["architecture", "hyper-parameters (both)", "nnsae tok/s", "nnsae EV / EV typical", "nnsae L0",
-              "nnsae dense steps"]
+    header = ["architecture", "hyper-parameters (both)", "nnsae tok/s", "nnsae / bare GEMM (fresh / reused output)",
+              "nnsae EV / EV typical", "nnsae L0", "nnsae dense steps"]
     if with_saelens:
         header += ["SAELens tok/s", "SAELens EV / EV typical", "SAELens L0", "speed ratio"]
     dtype = "bf16 autocast" if autocast else "fp32"
@@ -319,7 +333,10 @@ def run(acts: torch.Tensor, heldout: torch.Tensor, n_steps: int, archs: list[str
              f"tokens (norm > 4× median), and mean L0 of the exported inference SAE (BatchTopK: its weights with the "
              f"batch-level top k·n selection of training, as its EMA threshold has not converged in a short run). "
              f"ReLU family on the activations × {s:.4f} (mean norm √d_in); 'dense steps': nnsae steps run on the "
-             f"dense path (latents not yet sparse enough for the sparse kernels).", "", markdown_table(header, rows)]
+             f"dense path (latents not yet sparse enough for the sparse kernels). 'bare GEMM': the encoder GEMM "
+             f"alone (x @ W_enc, {BATCH} × {D_IN} × {D_SAE}, float32), timed in the same lock-step on the same "
+             f"batches, with a fresh output each call as written in torch / into one reused output buffer.", "",
+             markdown_table(header, rows)]
     if not with_saelens:
         lines += ["", "SAELens columns skipped (`--skip-saelens`, or sae-lens is not installed: "
                       "`pip install -e .[bench]`)."]

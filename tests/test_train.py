@@ -3,6 +3,7 @@ dense autograd, schedules against torch's own schedulers, short trainings, expor
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -677,3 +678,43 @@ def test_biased_matmul_equals_addmm():
     g = torch.Generator().manual_seed(0)
     x, W, b = torch.randn(9, 5, generator=g), torch.randn(5, 11, generator=g), torch.randn(11, generator=g)
     torch.testing.assert_close(sparse.biased_matmul(x, W, b), torch.addmm(b, x, W))
+
+
+def test_adam_on_latent_major_parameters_updates_as_plain_adam():
+    """The trainer's Adam hands latent-major (transposed) parameters to the fused kernel as contiguous views: the
+    updates equal torch's plain Adam step for step, and moments saved by plain Adam (the parameter's own shape)
+    load and continue identically."""
+    from nnsae.training.trainer import _ContiguousAdam
+
+    g = torch.Generator().manual_seed(0)
+
+    def params():
+        return [torch.nn.Parameter(torch.randn(7, 5, generator=torch.Generator().manual_seed(1)).t()),
+                torch.nn.Parameter(torch.randn(4, 6, generator=torch.Generator().manual_seed(2)))]
+
+    ours, plain = params(), params()
+    assert not ours[0].is_contiguous()
+    opt = _ContiguousAdam(ours, lr=1e-2, betas=(0.9, 0.99), fused=True)
+    ref = torch.optim.Adam(plain, lr=1e-2, betas=(0.9, 0.99), foreach=False)
+
+    def step(opt, ps, grads):
+        for p, grad in zip(ps, grads):
+            p.grad = grad.clone()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        grads = [torch.randn(5, 7, generator=g), torch.randn(4, 6, generator=g)]
+        step(opt, ours, grads)
+        step(ref, plain, grads)
+        assert all(p.grad is None for p in ours)
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    resumed = _ContiguousAdam(ours, lr=1e-2, betas=(0.9, 0.99), fused=True)
+    # plain Adam's moments, in the parameters' own shapes (a copy, as read back from a checkpoint file)
+    resumed.load_state_dict(copy.deepcopy(ref.state_dict()))
+    grads = [torch.randn(5, 7, generator=g), torch.randn(4, 6, generator=g)]
+    step(resumed, ours, grads)
+    step(ref, plain, grads)
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -74,7 +74,7 @@ class _Decode(Function):
         out = W_decs[0].new_zeros(n_rows, n_layers, d_out)
         for i, (W_dec, coef, pattern) in enumerate(zip(W_decs, coefs, patterns)):
             indices, offsets = pattern.row_bags()
-            part = sparse._bags(W_dec.reshape(W_dec.shape[0], -1), indices, offsets, coef.to(W_dec.dtype))
+            part = sparse.bags(W_dec.reshape(W_dec.shape[0], -1), indices, offsets, coef.to(W_dec.dtype))
             out[:, i:] += part.view(n_rows, n_layers - i, d_out)
             del part
         return out
@@ -90,7 +90,7 @@ class _Decode(Function):
             flat_W = W_dec.reshape(W_dec.shape[0], -1)
             g = grad[:, i:].reshape(grad.shape[0], -1).contiguous().to(W_dec.dtype)
             if ctx.needs_input_grad[3 + i]:
-                grads_W[i] = sparse._col_bag_sum(g, coef.to(W_dec.dtype), pattern).view_as(W_dec)
+                grads_W[i] = sparse.col_bag_sum(g, coef.to(W_dec.dtype), pattern).view_as(W_dec)
             if ctx.needs_input_grad[3 + n + i]:
                 grads_c[i] = sparse.row_dots(g, flat_W, pattern).to(coef.dtype)
             del g

@@ -79,17 +79,18 @@ def _offsets(sorted_or_any_keys: torch.Tensor, n: int) -> torch.Tensor:
     return offsets
 
 
-def _bags(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor | None,
-          per_sample_weights: torch.Tensor) -> torch.Tensor:
+def bags(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor | None,
+         per_sample_weights: torch.Tensor) -> torch.Tensor:
+    """Per bag, Σ per_sample_weights_e · weight[indices_e] (`embedding_bag` sum; 2-D `indices`: one bag per row)."""
     if indices.dim() == 2:
         per_sample_weights = per_sample_weights.view(indices.shape)
     return F.embedding_bag(indices, weight, offsets, mode="sum", per_sample_weights=per_sample_weights)
 
 
-def _col_bag_sum(dense: torch.Tensor, weights: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+def col_bag_sum(dense: torch.Tensor, weights: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """(n_cols, d): row i = Σ_{e: col_e = i} weights_e · dense[row_e]."""
     order, rows_by_col, col_offsets = pattern.by_col()
-    return _bags(dense, rows_by_col, col_offsets, weights[order])
+    return bags(dense, rows_by_col, col_offsets, weights[order])
 
 
 class _Preacts(Function):
@@ -113,12 +114,12 @@ class _Preacts(Function):
             if x_in is None:
                 x_in = x - b_dec if ctx.has_b_dec else x
             x_in = x_in.to(W_enc.dtype)
-            grad_W_enc = _col_bag_sum(x_in, grad, pattern).t()  # (d_in, d_sae), laid out like a transposed view
+            grad_W_enc = col_bag_sum(x_in, grad, pattern).t()  # (d_in, d_sae), laid out like a transposed view
         if need_b_dec and ctx.has_b_dec:
             grad_b_dec = -(W_enc @ grad_b_enc)
         if need_x:
             indices, offsets = pattern.row_bags()
-            grad_x = _bags(W_enc.t().contiguous(), indices, offsets, grad).to(x.dtype)
+            grad_x = bags(W_enc.t().contiguous(), indices, offsets, grad).to(x.dtype)
         return grad_x, grad_b_dec, grad_W_enc, grad_b_enc if need_b_enc else None, None, None, None
 
 
@@ -143,7 +144,7 @@ def row_dots(rows: torch.Tensor, weight: torch.Tensor, pattern: Pattern) -> torc
         coef = torch.zeros(pattern.nnz, dtype=weight.dtype, device=weight.device, requires_grad=True)
         with torch.enable_grad():
             indices, offsets = pattern.row_bags()
-            out = _bags(weight.detach(), indices, offsets, coef)
+            out = bags(weight.detach(), indices, offsets, coef)
             return torch.autograd.grad(out, coef, rows)[0]
 
 
@@ -158,14 +159,14 @@ class _Decode(Function):
         ctx.pattern = pattern
         ctx.save_for_backward(W_dec, coef)
         indices, offsets = pattern.row_bags()
-        return _bags(W_dec, indices, offsets, coef.to(W_dec.dtype))
+        return bags(W_dec, indices, offsets, coef.to(W_dec.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         W_dec, coef = ctx.saved_tensors
         pattern: Pattern = ctx.pattern
         grad_out = grad_out.contiguous().to(W_dec.dtype)
-        grad_W_dec = _col_bag_sum(grad_out, coef.to(W_dec.dtype), pattern) if ctx.needs_input_grad[0] else None
+        grad_W_dec = col_bag_sum(grad_out, coef.to(W_dec.dtype), pattern) if ctx.needs_input_grad[0] else None
         grad_coef = _per_sample_weights_grad(grad_out, W_dec, pattern).to(coef.dtype) if ctx.needs_input_grad[1] \
             else None
         return grad_W_dec, grad_coef, None

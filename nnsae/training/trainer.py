@@ -114,14 +114,52 @@ class _Run:
                 "done": self.done, "n_frac_active_samples": self.n_frac_active_samples}
 
 
+class _ContiguousAdam(torch.optim.Adam):
+    """Adam over contiguous views of the parameters: a latent-major (transposed) parameter, like the TopK family's
+    W_enc, is handed to the fused kernel as its contiguous transpose (same storage, so the update lands in the
+    parameter), since the kernel otherwise copies it, its gradient and both moments to contiguous memory and back
+    every step (7 ms of a 160 ms TopK step at d_sae 4608). The moments are kept in the views' shape."""
+
+    def __init__(self, params: list[torch.nn.Parameter], **kwargs: Any):
+        self.pairs = [(p, p.detach().t() if _transposed(p) else p) for p in params]
+        super().__init__([view for _, view in self.pairs], **kwargs)
+
+    def step(self, closure: Any = None) -> Any:
+        for p, view in self.pairs:
+            if view is not p:
+                # (a no-op copy for gradients in the parameter's layout, as autograd makes them; torch 2.13's fused
+                # CPU kernel misreads a gradient whose strides differ from its parameter's)
+                view.grad = None if p.grad is None else p.grad.t().contiguous()
+        return super().step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for p, view in self.pairs:
+            if view is not p:
+                p.grad = None
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for _, view in self.pairs:  # moments saved in the parameter's own shape: as the view's
+            for key, value in self.state.get(view, {}).items():
+                if torch.is_tensor(value) and value.dim() == 2 and value.shape != view.shape \
+                        and value.shape == view.t().shape:
+                    self.state[view][key] = value.t().contiguous()
+
+
+def _transposed(p: torch.Tensor) -> bool:
+    return p.dim() == 2 and not p.is_contiguous() and p.t().is_contiguous()
+
+
 def make_adam(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam (no weight decay), the fused kernel where torch has one: same update, ~6× faster than the per-tensor
     loop on CPU at SAE sizes."""
     params = list(model.parameters())
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
     try:
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
+        return _ContiguousAdam(params, lr=cfg.lr, betas=betas, fused=True)
     except (RuntimeError, ValueError, TypeError):  # pragma: no cover - device/dtype without a fused kernel
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        return torch.optim.Adam(params, lr=cfg.lr, betas=betas)
 
 
 # ---- the public entry point ---------------------------------------------------------------------------------------
