@@ -7,6 +7,7 @@ positions passed through, as SAELens does) and with its hook zero-ablated.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import re
@@ -23,7 +24,7 @@ from nnsae.harvest import Harvester
 from nnsae.seam import as_nnsight, unwrap_model
 from nnsae.hooks import HookPoint, resolve_hook
 from nnsae.architectures import SAE
-from nnsae.rundir import atomic_write, check_writable, unique_names, write_json
+from nnsae.rundir import atomic_write, check_writable, locked, unique_names, write_json
 
 
 @dataclass
@@ -154,7 +155,8 @@ def evaluate(model: Any, saes: SAE | Sequence[SAE], dataset: Any = OFFLINE, *, t
     `model_performance_preservation.ce_loss_score`, ...). `n_tokens` tokens feed the activation metrics (one
     harvest pass for all SAEs); `n_ce_tokens` tokens feed CE/KL (None skips them). The offline corpus is read
     from its held-out "test" split unless `split` says otherwise. `out` writes JSON (and PNG plots if asked; see
-    `write_eval_results`); it is checked for write access before any compute.
+    `write_eval_results`); it is checked for write access before any compute, and a folder `out` is locked for the
+    run (a second evaluation into it is refused).
     """
     items = [saes] if isinstance(saes, SAE) else list(saes)
     if not items:
@@ -166,6 +168,21 @@ def evaluate(model: Any, saes: SAE | Sequence[SAE], dataset: Any = OFFLINE, *, t
                              + (" (n_ce_tokens=None or 0 skips CE/KL)." if arg == "n_ce_tokens" else "."))
     if out is not None:
         check_writable(Path(out).parent if Path(out).suffix == ".json" else Path(out))
+    with contextlib.ExitStack() as guard:
+        if out is not None and Path(out).suffix != ".json":  # a folder of results: one evaluation at a time
+            guard.enter_context(locked(Path(out), "an nnsae evaluation"))
+        records = _evaluate(model, items, dataset, tokenizer, n_tokens, n_ce_tokens, context_size,
+                            batch_size_prompts, exclude_special_tokens, split, text_column, progress)
+        if out is not None:
+            write_eval_results(records, Path(out), plots=plots)
+    for r in records:
+        r.pop("l0_per_token")
+    return records[0] if isinstance(saes, SAE) else records
+
+
+def _evaluate(model: Any, items: list[SAE], dataset: Any, tokenizer: Any, n_tokens: int, n_ce_tokens: int | None,
+              context_size: int | None, batch_size_prompts: int, exclude_special_tokens: bool, split: str | None,
+              text_column: str | None, progress: bool) -> list[dict[str, Any]]:
     nn_model = as_nnsight(model)
     # Optional for pre-tokenized data; text without a tokenizer fails when packing, naming the fix.
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -232,11 +249,7 @@ def evaluate(model: Any, saes: SAE | Sequence[SAE], dataset: Any = OFFLINE, *, t
             "metrics": metrics, "feature_metrics": feature_metrics, "sae_cfg": sae.cfg.to_dict(),
             "l0_per_token": torch.cat(stat.l0_per_token) if stat.l0_per_token else torch.zeros(0),
         })
-    if out is not None:
-        write_eval_results(records, Path(out), plots=plots)
-    for r in records:
-        r.pop("l0_per_token")
-    return records[0] if isinstance(saes, SAE) else records
+    return records
 
 
 def _add_ce(model: Any, saes: list[SAE], specs: list, tokens: torch.Tensor, mask: torch.Tensor,

@@ -149,7 +149,7 @@ def test_two_saes_on_one_hook_write_two_records(setup, tmp_path):
     narrow, wide = make_sae("blocks.1.hook_resid_post", 1), make_sae("blocks.1.hook_resid_post", 2, arch="topk")
     records = evaluate(model, [narrow, wide], TEXTS, tokenizer=tok, n_tokens=128, n_ce_tokens=None,
                        batch_size_prompts=BATCH, progress=False, out=tmp_path / "evals")
-    assert sorted(p.name for p in (tmp_path / "evals").iterdir()) == ["blocks.1.hook_resid_post.json",
+    assert sorted(p.name for p in (tmp_path / "evals").iterdir()) == [".lock", "blocks.1.hook_resid_post.json",
                                                                      "blocks.1.hook_resid_post_2.json"]
     for name, record in zip(["blocks.1.hook_resid_post", "blocks.1.hook_resid_post_2"], records):
         saved = json.loads((tmp_path / "evals" / f"{name}.json").read_text())
@@ -165,6 +165,17 @@ def test_an_unwritable_out_fails_before_any_compute(setup, tmp_path, monkeypatch
     monkeypatch.setattr(evals, "Harvester", lambda *a, **k: pytest.fail("computed before checking out"))
     with pytest.raises(PermissionError, match=r"Cannot create the output directory .*file/evals"):
         evaluate(model, make_sae("blocks.1.hook_resid_post"), TEXTS, tokenizer=tok, out=blocker / "evals")
+
+
+def test_a_second_evaluation_into_the_same_folder_is_refused(setup, tmp_path, monkeypatch):
+    from nnsae.rundir import RunLocked, locked
+
+    model, tok, _ = setup
+    monkeypatch.setattr(evals, "Harvester", lambda *a, **k: pytest.fail("computed while the folder is in use"))
+    with locked(tmp_path / "evals", "another evaluation"):
+        with pytest.raises(RunLocked, match="is in use: another evaluation"):
+            evaluate(model, make_sae("blocks.1.hook_resid_post"), TEXTS, tokenizer=tok, out=tmp_path / "evals")
+    assert sorted(p.name for p in (tmp_path / "evals").iterdir()) == [".lock"]
 
 
 def test_empty_dataset_is_a_clear_error(setup):
