@@ -536,6 +536,23 @@ def test_string_prompt_gets_bos_and_targets_by_id():
     torch.testing.assert_close(graph.logit_probabilities, torch.softmax(logits, -1)[[7, 9]])
 
 
+def test_token_ids_follow_circuit_tracers_rule_with_a_tokenizer():
+    """circuit-tracer's ensure_tokenized treats strings, lists and tensors alike: a special token is prepended unless
+    the ids start with one. Without any tokenizer the ids are used as given."""
+    model, tc = tiny_model("gpt2"), random_set(0, "relu")
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer("hello", add_special_tokens=False).input_ids
+    assert ids[0] not in tokenizer.all_special_ids
+    kw = dict(attribution_targets=torch.tensor([7]), batch_size=64)
+    from_string = attribute(model, "hello", tc, tokenizer=tokenizer, **kw)
+    for given in (ids, torch.tensor(ids), torch.tensor([ids])):
+        graph = attribute(model, given, tc, tokenizer=tokenizer, **kw)
+        assert graph.input_tokens.tolist() == from_string.input_tokens.tolist() == [1] + ids
+        torch.testing.assert_close(graph.adjacency_matrix, from_string.adjacency_matrix)
+    assert attribute(model, [1] + ids, tc, tokenizer=tokenizer, **kw).input_tokens.tolist() == [1] + ids
+    assert attribute(model, ids, tc, **kw).input_tokens.tolist() == ids
+
+
 # ---- pruning and scores on a hand-made graph ---------------------------------------------------------------------
 
 

@@ -54,8 +54,9 @@ def attribute(model: Any, inputs: str | torch.Tensor | Sequence[int], transcoder
               update_interval: int = 4, verbose: bool = False, *, tokenizer: Any = None) -> Graph:
     """The attribution graph of `inputs` through `transcoders` in `model` (an HF causal LM or an nnsight wrapper).
 
-    `inputs`: a string (tokenized as circuit-tracer does: no special tokens added, then a special token is
-    prepended unless the first token already is one) or token ids (used as given). `attribution_targets`: None
+    `inputs`: a string or token ids, tokenized as circuit-tracer does (strings without the tokenizer's special
+    tokens; then a special token is prepended unless the first token already is one; token ids without any
+    tokenizer are used as given). `attribution_targets`: None
     (the most likely next tokens, by descending probability, until `desired_logit_prob` is covered or
     `max_n_logits` reached), token ids, single-token strings, or `(label, weight, vector)` tuples.
     `max_feature_nodes`: keep at most this many features, chosen by their logit influence, re-estimated every
@@ -98,29 +99,37 @@ def attribute(model: Any, inputs: str | torch.Tensor | Sequence[int], transcoder
 
 
 def _tokenize(inputs: Any, tokenizer: Any, model_name: str) -> torch.Tensor:
-    if not isinstance(inputs, str):
+    """circuit-tracer's `ensure_tokenized`: strings without the tokenizer's own special tokens; then, for strings and
+    token ids alike, Gemma 3 -it prompts must start with its chat prefix, and anything else gets a special token
+    prepended unless it starts with one. Token ids without a tokenizer are used as given (nothing tells which ids
+    are special)."""
+    if isinstance(inputs, str):
+        if tokenizer is None:
+            raise ValueError("A string prompt needs a tokenizer: pass tokenizer= or an nnsight LanguageModel.")
+        tokens = tokenizer(inputs, return_tensors="pt", add_special_tokens=False).input_ids.squeeze(0)
+    else:
         tokens = torch.as_tensor(inputs, dtype=torch.long)
         if tokens.ndim == 2 and tokens.shape[0] == 1:
             tokens = tokens[0]
         if tokens.ndim != 1:
             raise ValueError(f"Token ids must be one sequence (1-D, or [1, n_pos]), got shape {tuple(tokens.shape)}.")
-        return tokens
-    if tokenizer is None:
-        raise ValueError("A string prompt needs a tokenizer: pass tokenizer= or an nnsight LanguageModel.")
-    tokens = tokenizer(inputs, return_tensors="pt", add_special_tokens=False).input_ids.squeeze(0)
+        if tokenizer is None:
+            return tokens
+    if not len(tokens):
+        raise ValueError("The prompt is empty: attribution needs at least one token.")
     if _is_gemma3_it(model_name):
         prefix = torch.tensor([2, 105, 2364, 107])
-        if len(tokens) < 4 or not torch.equal(tokens[:4], prefix):
+        if len(tokens) < 4 or not torch.equal(tokens[:4].cpu(), prefix):
             raise ValueError("Gemma 3 instruction-tuned prompts must start with <bos><start_of_turn>user\\n.")
         return tokens
-    if len(tokens) and int(tokens[0]) in tokenizer.all_special_ids:
+    if int(tokens[0]) in tokenizer.all_special_ids:
         return tokens
     # circuit-tracer's choice of the token to prepend: the first truthy id among these (an id of 0 is skipped).
     candidates = [tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, *tokenizer.all_special_ids]
     first = next(filter(None, candidates), None)
     if first is None:
         raise ValueError("The tokenizer has no special token to prepend; pass token ids starting with one.")
-    return torch.cat([torch.tensor([first]), tokens])
+    return torch.cat([torch.tensor([first], dtype=tokens.dtype, device=tokens.device), tokens])
 
 
 def _is_gemma3_it(model_name: str) -> bool:
