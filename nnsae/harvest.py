@@ -402,9 +402,10 @@ class ActivationStore:
 
 
 def release_free_memory() -> None:
-    """Return freed heap memory to the OS (glibc `malloc_trim`; a no-op elsewhere). Tensors of a few MB freed in
-    arbitrary order (harvest batches, training-step temporaries) otherwise stay in the heap as holes: ~100 MB of
-    extra resident memory in a TopK training run, on top of which the next step's temporaries stack."""
+    """Return freed heap memory to the OS (glibc `malloc_trim`; a no-op elsewhere). Called once per refill of the
+    mixing buffer: harvest batches of a few MB freed in arbitrary order otherwise stay in the heap as holes. (Not
+    after every training step: each step's temporaries would then be faulted back in page by page, ~10% of a TopK
+    step.)"""
     global _malloc_trim
     if _malloc_trim is None:
         try:
