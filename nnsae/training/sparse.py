@@ -17,6 +17,9 @@ Both are exact: they equal dense autograd up to float summation order (tested in
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
@@ -191,17 +194,19 @@ def biased_matmul(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torc
     return torch.addmm(b, x, W, out=out)
 
 
-class StepBuffer:
-    """One reusable tensor, reallocated only when the shape, dtype or device asked for changes."""
+_step_buffers = threading.local()
 
-    def __init__(self) -> None:
-        self.tensor: torch.Tensor | None = None
 
-    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        t = self.tensor
-        if t is None or t.shape != shape or t.dtype != dtype or t.device != device:
-            self.tensor = t = torch.empty(shape, dtype=dtype, device=device)
-        return t
+def step_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor of `shape` in memory kept from call to call (one growing buffer per thread, dtype and
+    device, shared by every SAE a trainer steps in turn): valid until the next call in the same thread."""
+    pool = _step_buffers.__dict__.setdefault("pool", {})
+    key = (dtype, torch.device(device))
+    numel = math.prod(shape)
+    flat = pool.get(key)
+    if flat is None or flat.numel() < numel:
+        pool[key] = flat = torch.empty(numel, dtype=dtype, device=device)
+    return flat[:numel].view(shape)
 
 
 class _RowNorms(Function):

@@ -36,7 +36,6 @@ class TopKTrainingSAE(TrainingSAE):
     def initialize(self) -> None:
         TrainingSAE.initialize(self)
         self.native = native.library()  # the C++ row top-k on CPU; None without a compiler
-        self.h_buffer = sparse.StepBuffer()  # the selection matmul's output, reused from step to step
         if self.cfg.sparse_kernels:
             # W_enc keeps its [d_in, d_sae] shape but is stored latent-major, the layout its sparse gradient has.
             self.sae.W_enc = nn.Parameter(self.sae.W_enc.detach().t().contiguous().t())
@@ -52,10 +51,11 @@ class TopKTrainingSAE(TrainingSAE):
         return (x - self.sae.b_dec).detach() if self.cfg.apply_b_dec_to_input else x.detach()
 
     def selection_preacts(self, x_in: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
-        """h = (x̃ W_enc + b_enc) ⊙ n as one (possibly bf16) matmul, without grad, into the step buffer."""
+        """h = (x̃ W_enc + b_enc) ⊙ n as one (possibly bf16) matmul, without grad, into the step buffer (h is not
+        used after the step's forward)."""
         dtype = torch.bfloat16 if self.cfg.autocast else x_in.dtype
         with torch.no_grad():
-            out = self.h_buffer.get((x_in.shape[0], self.cfg.d_sae), dtype, x_in.device)
+            out = sparse.step_buffer((x_in.shape[0], self.cfg.d_sae), dtype, x_in.device)
             return sparse.biased_matmul(x_in, self.sae.W_enc, self.sae.b_enc, dtype, col_scale=norms, out=out)
 
     @property
