@@ -88,7 +88,9 @@ class _Decode(Function):
         grads_c: list[torch.Tensor | None] = [None] * n
         for i, (W_dec, coef, pattern) in enumerate(zip(W_decs, coefs, ctx.patterns)):
             flat_W = W_dec.reshape(W_dec.shape[0], -1)
-            g = grad[:, i:].reshape(grad.shape[0], -1).contiguous().to(W_dec.dtype)
+            g = grad[:, i:].reshape(grad.shape[0], -1)
+            if not g.is_contiguous() or g.dtype != W_dec.dtype:  # into reused memory: fresh copies fault in
+                g = sparse.step_buffer(g.shape, W_dec.dtype, g.device).copy_(g)
             if ctx.needs_input_grad[3 + i]:
                 grads_W[i] = sparse.col_bag_sum(g, coef.to(W_dec.dtype), pattern).view_as(W_dec)
             if ctx.needs_input_grad[3 + n + i]:
