@@ -219,7 +219,9 @@ def test_harvest_batches_reuse_the_heap_instead_of_faulting_pages_in_again():
                              cwd=Path(__file__).parents[1], env={**os.environ, "NNSAE_KEEP_FREED_HEAP": setting})
         faults[setting] = float(run.stdout.split()[-1])
     assert faults["1"] < 1000, faults  # measured 1-600 with the setting
-    assert faults["0"] > 5 * max(faults["1"], 200), faults  # measured about 4,600-5,000 without it
+    # without it, measured 900-5,000 per batch: how many glibc hands back varies from run to run (its dynamic mmap
+    # threshold), so only the direction is asserted, with a margin
+    assert faults["0"] > 2 * max(faults["1"], 200), faults
 
 
 def test_keep_freed_heap_setting_is_checked(monkeypatch):
