@@ -20,11 +20,11 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nnsae import SAE, SAEConfig
 from nnsae.circuits import (CrossLayerTranscoder, Graph, SingleLayerTranscoder, TranscoderSet, attribute,
                             compute_graph_scores, create_graph_files, intervene, load_transcoders, prune_graph,
                             save_transcoders)
 from nnsae.circuits.graph import GraphConfig
+from tests import random_transcoders
 from tests.tiny_models import D_MODEL, N_LAYERS, tiny_model, tiny_tokenizer
 
 D_TC = 16
@@ -51,16 +51,7 @@ def random_set(seed: int = 0, activation: str = "relu", skip: bool = False) -> T
 
 
 def random_clt(seed: int = 1) -> CrossLayerTranscoder:
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g) * scale
-
-    return CrossLayerTranscoder(
-        r(N_LAYERS, D_TC, D_MODEL, scale=0.4), [r(D_TC, N_LAYERS - i, D_MODEL, scale=0.15) for i in range(N_LAYERS)],
-        r(N_LAYERS, D_TC, scale=0.3) - 0.3, r(N_LAYERS, D_MODEL, scale=0.1), activation="jumprelu",
-        threshold=r(N_LAYERS, D_TC, scale=0.1).abs(), feature_input_hook="mlp.hook_in",
-        feature_output_hook="hook_mlp_out", scan="test-clt")
+    return random_transcoders.random_clt(N_LAYERS, D_MODEL, D_TC, seed, b_enc_shift=-0.3, scan="test-clt")
 
 
 class RefTranscoders:
@@ -551,6 +542,8 @@ def test_token_ids_follow_circuit_tracers_rule_with_a_tokenizer():
         torch.testing.assert_close(graph.adjacency_matrix, from_string.adjacency_matrix)
     assert attribute(model, [1] + ids, tc, tokenizer=tokenizer, **kw).input_tokens.tolist() == [1] + ids
     assert attribute(model, ids, tc, **kw).input_tokens.tolist() == ids
+    with pytest.raises(ValueError, match="prompt is empty"):
+        attribute(model, [], tc, **kw)
 
 
 # ---- pruning and scores on a hand-made graph ---------------------------------------------------------------------
@@ -705,19 +698,9 @@ def test_load_rejects_escaping_names_and_missing_hub(tmp_path):
 
 
 def test_saelens_transcoder_folders_load_as_a_set(tmp_path):
-    saes = []
-    for layer in range(N_LAYERS):
-        cfg = SAEConfig(architecture="jumprelu_skip_transcoder", d_in=D_MODEL, d_sae=D_TC, d_out=D_MODEL,
-                        apply_b_dec_to_input=False)
-        cfg.metadata.hook_name = f"blocks.{layer}.mlp.hook_in"
-        cfg.metadata.hook_name_out = f"blocks.{layer}.hook_mlp_out"
-        sae = SAE.from_config(cfg)
-        with torch.no_grad():
-            for p in sae.parameters():
-                p.copy_(torch.randn_like(p) * 0.2)
-            sae.threshold.abs_()
+    saes = random_transcoders.saelens_transcoder_saes("jumprelu_skip_transcoder", N_LAYERS, D_MODEL, D_TC, scale=0.2)
+    for layer, sae in enumerate(saes):
         sae.save_model(tmp_path / f"layer{layer}")
-        saes.append(sae)
     loaded = load_transcoders(tmp_path)
     assert isinstance(loaded, TranscoderSet) and loaded.skip_connection
     assert (loaded.feature_input_hook, loaded.feature_output_hook) == ("mlp.hook_in", "hook_mlp_out")

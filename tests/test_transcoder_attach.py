@@ -17,6 +17,7 @@ import nnsae
 from nnsae.attachment import run_with_saes
 from nnsae.attachment import attach_transcoders, layer_saes, splice_transcoders
 from nnsae.circuits import CrossLayerTranscoder, SingleLayerTranscoder, TranscoderSet
+from tests import random_transcoders
 from tests.test_attach import make_tokenizer
 from tests.tiny_models import D_MODEL, N_LAYERS, tiny_model, tiny_tokens
 
@@ -41,16 +42,7 @@ def random_set(seed: int = 0, activation: str = "jumprelu", skip: bool = False) 
 
 
 def random_clt(seed: int = 1) -> CrossLayerTranscoder:
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g) * scale
-
-    return CrossLayerTranscoder(
-        r(N_LAYERS, D_TC, D_MODEL, scale=0.4), [r(D_TC, N_LAYERS - i, D_MODEL, scale=0.15) for i in range(N_LAYERS)],
-        r(N_LAYERS, D_TC, scale=0.3), r(N_LAYERS, D_MODEL, scale=0.1), activation="jumprelu",
-        threshold=r(N_LAYERS, D_TC, scale=0.1).abs(), feature_input_hook="mlp.hook_in",
-        feature_output_hook="hook_mlp_out")
+    return random_transcoders.random_clt(N_LAYERS, D_MODEL, D_TC, seed)
 
 
 def lm(hf):
@@ -243,18 +235,7 @@ def test_inline_splice_matches_attach():
 
 
 def test_saelens_transcoder_saes_attach_as_a_set():
-    from nnsae import SAE, SAEConfig
-
-    saes = []
-    for layer in range(N_LAYERS):
-        cfg = SAEConfig(architecture="transcoder", d_in=D_MODEL, d_sae=D_TC, d_out=D_MODEL, apply_b_dec_to_input=False)
-        cfg.metadata.hook_name = f"blocks.{layer}.mlp.hook_in"
-        cfg.metadata.hook_name_out = f"blocks.{layer}.hook_mlp_out"
-        sae = SAE.from_config(cfg)
-        with torch.no_grad():
-            for p in sae.parameters():
-                p.copy_(torch.randn_like(p) * 0.2)
-        saes.append(sae)
+    saes = random_transcoders.saelens_transcoder_saes("transcoder", N_LAYERS, D_MODEL, D_TC, scale=0.2)
     tc = TranscoderSet.from_saes(saes)
     ref = tiny_model("llama")
     with torch.no_grad(), manual_replacement(ref, "llama", tc):

@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import save_file
 
 from nnsae.circuits import CrossLayerTranscoder, TranscoderSet, load_transcoders
+from tests import random_transcoders
 
 D, N_TC, N_LAYERS = 8, 12, 3
 
@@ -251,22 +252,13 @@ def test_convert_a_training_run_to_circuit_tracer(tmp_path, capsys):
     in circuit-tracer's transcoder_set files, read back here with safetensors and checked against the SAEs."""
     from safetensors import safe_open
 
-    from nnsae import SAE, SAEConfig
     from nnsae.cli import main
 
-    run, saes = tmp_path / "run", []
-    for layer in range(N_LAYERS):
-        cfg = SAEConfig(architecture="jumprelu_transcoder", d_in=D, d_sae=N_TC, d_out=D, apply_b_dec_to_input=False)
-        cfg.metadata.hook_name = f"blocks.{layer}.mlp.hook_in"
-        cfg.metadata.hook_name_out = f"blocks.{layer}.hook_mlp_out"
-        sae = SAE.from_config(cfg)
-        with torch.no_grad():
-            for p in sae.parameters():
-                p.copy_(torch.randn_like(p) * 0.3)
-            sae.threshold.abs_()
+    run = tmp_path / "run"
+    saes = random_transcoders.saelens_transcoder_saes("jumprelu_transcoder", N_LAYERS, D, N_TC, scale=0.3)
+    for layer, sae in enumerate(saes):
         sae.save_model(run / f"blocks.{layer}.mlp.hook_in")
         sae.save_model(run / f"blocks.{layer}.mlp.hook_in" / "checkpoints" / "1000")  # an intermediate SAE
-        saes.append(sae)
     (run / "run.json").write_text("{}")
     main(["convert", str(run), str(tmp_path / "ct"), "--to", "circuit-tracer"])
     assert "transcoder_set (3 layers" in capsys.readouterr().out

@@ -113,10 +113,10 @@ def _tokenize(inputs: Any, tokenizer: Any, model_name: str) -> torch.Tensor:
             tokens = tokens[0]
         if tokens.ndim != 1:
             raise ValueError(f"Token ids must be one sequence (1-D, or [1, n_pos]), got shape {tuple(tokens.shape)}.")
-        if tokenizer is None:
-            return tokens
     if not len(tokens):
         raise ValueError("The prompt is empty: attribution needs at least one token.")
+    if tokenizer is None:
+        return tokens
     if _is_gemma3_it(model_name):
         prefix = torch.tensor([2, 105, 2364, 107])
         if len(tokens) < 4 or not torch.equal(tokens[:4].cpu(), prefix):
