@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from nnsae.seam import tensor_version
+from nnsae.seam import cpu_has_amx, row_dots, tensor_version
 
 if TYPE_CHECKING:  # not imported at run time: a by-value SAE shipped to a remote server needs only math and torch
     from nnsae.native import Kernels
@@ -74,11 +74,7 @@ def bf16_is_fast(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a bf16 GEMM is much faster than `dtype`'s on `device`: float32 on CPUs with AMX tiles."""
     if dtype != torch.float32 or device.type != "cpu":
         return False
-    init_amx = getattr(torch._C._cpu, "_init_amx", None)
-    try:
-        return bool(init_amx()) if init_amx is not None else False
-    except RuntimeError:
-        return False
+    return cpu_has_amx()
 
 
 class _Bf16Weights:
@@ -238,9 +234,8 @@ def _bf16_block(x: torch.Tensor, b: torch.Tensor, k: int, absolute: bool, relu: 
     # The exact float32 keys of the candidates (entries sorted by latent reuse each W row: ~2.5× faster).
     order = torch.sort(cols.to(torch.int32), stable=True).indices
     raw = torch.empty(cols.numel(), dtype=x.dtype, device=x.device)
-    raw[order] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        x.contiguous(), wts.W_t, cols.index_select(0, order), torch.zeros(1, dtype=torch.long, device=x.device),
-        rows.index_select(0, order), 0, -1)
+    raw[order] = row_dots(x.contiguous(), wts.W_t, cols.index_select(0, order),
+                          torch.zeros(1, dtype=torch.long, device=x.device), rows.index_select(0, order))
     exact = raw + b.index_select(0, cols)
     if scale is not None:
         exact = exact * scale.index_select(0, cols)

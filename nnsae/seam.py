@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 __all__ = ["INTERNALS", "NNSIGHT_TESTED", "SAEOrderError", "already_ran_past", "as_nnsight", "at_run_end",
-           "envoy_of", "explain_order_errors", "fresh_hook_view", "in_trace_body", "install_output_hook",
+           "envoy_of", "explain_order_errors", "fresh_hook_view", "cpu_has_amx", "row_dots", "in_trace_body", "install_output_hook",
            "is_nnsight", "missing_internals", "module_observed", "refresh_envoy", "tensor_version", "stop_explaining_order_errors",
            "unwrap_model"]
 
@@ -49,6 +49,9 @@ INTERNALS: dict[str, str] = {
     "torch.nn.Module._forward_hooks": "hook dictionaries read by module_observed and reset by fresh_hook_view",
     "torch.nn.modules.module._global_forward_hooks": "global module hooks (module_observed)",
     "torch.Tensor._version": "the in-place version counter: was a tensor edited? (tensor_version)",
+    "torch.ops.aten._embedding_bag_per_sample_weights_backward": "sparse row·weight dot products without an (nnz, d) "
+    "tensor (row_dots; a chunked gather without it)",
+    "torch._C._cpu._init_amx": "whether the CPU has AMX tiles, where bf16 GEMMs are fast (cpu_has_amx)",
 }
 
 
@@ -73,6 +76,8 @@ def missing_internals() -> list[str]:
         "torch.nn.modules.module._global_forward_hooks": lambda: hasattr(torch_module, "_global_forward_hooks")
         and hasattr(torch_module, "_global_forward_pre_hooks"),
         "torch.Tensor._version": lambda: isinstance(torch.zeros(1)._version, int),
+        "torch.ops.aten._embedding_bag_per_sample_weights_backward": lambda: _per_sample_weights_op() is not None,
+        "torch._C._cpu._init_amx": lambda: callable(getattr(torch._C._cpu, "_init_amx", None)),
     }
     missing = []
     for name, check in checks.items():
@@ -338,3 +343,40 @@ def fresh_hook_view(module: nn.Module, fresh: dict[str, nn.Module], device: torc
         view.__dict__["_buffers"] = {name: None if b is None else b.to(device, copy=True)
                                      for name, b in module._buffers.items()}
     return view
+
+
+# ---- torch ------------------------------------------------------------------------------------------------------
+
+
+def _per_sample_weights_op() -> Any:
+    try:
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def row_dots(rows: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor, offsets: torch.Tensor,
+             row_of: torch.Tensor) -> torch.Tensor:
+    """(nnz,): e ↦ rows[row_of[e]] · weight[cols[e]] for contiguous `rows` (n, d) and `weight` (m, d), by
+    embedding_bag's per-sample-weight gradient kernel (no (nnz, d) tensor; `offsets` are the bags' starts); where
+    torch lacks that op, by a gather in chunks."""
+    op = _per_sample_weights_op()
+    if op is not None:
+        try:
+            return op(rows, weight, cols, offsets, row_of, 0, -1)
+        except RuntimeError:
+            pass
+    out = torch.empty(cols.numel(), dtype=weight.dtype, device=weight.device)
+    for start in range(0, cols.numel(), 1 << 16):
+        part = slice(start, start + (1 << 16))
+        out[part] = (rows.index_select(0, row_of[part]) * weight.index_select(0, cols[part])).sum(-1)
+    return out
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (torch's own probe; False where torch has none)."""
+    probe = getattr(torch._C._cpu, "_init_amx", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False

@@ -35,7 +35,7 @@ def test_a_changed_internal_is_named(monkeypatch):
 # What only the seam may do: import nnsight's internal packages, or touch these private attributes.
 PRIVATE = re.compile(r"\._module\b|_hf_hook|\._update\(|_forward(_pre)?_hooks|_global_forward|sys\._getframe|"
                      r"\binterleaver\b|\bMediator\b|\bController\b|\._version\b|\._modules\b|\._parameters\b|"
-                     r"\._buffers\b")
+                     r"\._buffers\b|torch\._C\b|torch\.ops\.aten\._")
 
 
 def test_only_the_seam_touches_nnsight_and_torch_internals():
@@ -122,3 +122,18 @@ def test_inline_splice_equals_attach(architecture, reshape, use_error_term):
     torch.testing.assert_close(inline, mounted, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(inline_feats, mounted_feats, rtol=1e-6, atol=1e-6)
     assert (mounted - clean).abs().max() > 1e-4  # the splice and the ablation matter
+
+
+@pytest.mark.parametrize("with_op", [True, False])
+def test_row_dots_equal_plain_dot_products(monkeypatch, with_op):
+    """seam.row_dots (torch's private per-sample-weight kernel, or the chunked gather where torch lacks it) against
+    float64 dot products written out here."""
+    if not with_op:
+        monkeypatch.setattr(seam, "_per_sample_weights_op", lambda: None)
+    g = torch.Generator().manual_seed(0)
+    rows, weight = torch.randn(6, 10, generator=g), torch.randn(9, 10, generator=g)
+    row_of = torch.arange(6).repeat_interleave(3)
+    cols = torch.randint(0, 9, (18,), generator=g)
+    got = seam.row_dots(rows, weight, cols, torch.arange(0, 18, 3), row_of)
+    want = (rows.double()[row_of] * weight.double()[cols]).sum(-1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

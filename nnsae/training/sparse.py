@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
+from nnsae import seam
+
 
 class Pattern:
     """The (row, col) entries of a sparse (n_rows × n_cols) activation matrix, sorted by row."""
@@ -139,16 +141,7 @@ def preacts(x: torch.Tensor, b_dec: torch.Tensor | None, W_enc: torch.Tensor, b_
 def row_dots(rows: torch.Tensor, weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """(nnz,): e ↦ weight[col_e] · rows[row_e], without materialising (nnz, d) (embedding_bag's own kernel for the
     per-sample-weight gradient). `rows` is (n_rows, d), `weight` (n_cols, d)."""
-    rows, weight = rows.contiguous(), weight.contiguous()
-    try:
-        return torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            rows, weight, pattern.cols, pattern.row_offsets(), pattern.rows, 0, -1)
-    except (RuntimeError, AttributeError):  # pragma: no cover - private op missing: plain autograd
-        coef = torch.zeros(pattern.nnz, dtype=weight.dtype, device=weight.device, requires_grad=True)
-        with torch.enable_grad():
-            indices, offsets = pattern.row_bags()
-            out = bags(weight.detach(), indices, offsets, coef)
-            return torch.autograd.grad(out, coef, rows)[0]
+    return seam.row_dots(rows.contiguous(), weight.contiguous(), pattern.cols, pattern.row_offsets(), pattern.rows)
 
 
 def _per_sample_weights_grad(grad_out: torch.Tensor, W_dec: torch.Tensor, pattern: Pattern) -> torch.Tensor:
